@@ -1,0 +1,236 @@
+"""The Forward-Forward network: Linear + ReLU layers with RMS normalization between them.
+
+Shapes: ``B`` batch, ``D`` image features, ``C`` classes, ``H_l`` units of hidden layer ``l``.
+
+The label enters only through the first layer, and a one-hot row has the same norm whatever
+the label, so the image's product with the first layer's image columns is computed once and
+shared by every label written over it (positive, negative, neutral, and all C candidates at
+inference). :meth:`FFNet.first_layer` does this; :meth:`FFNet.activities` is the plain
+reference path (embed label, normalize, multiply) that the tests compare it with.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fflab.ff.functional import (
+    GOODNESS_KINDS,
+    RMS_EPS,
+    embed_label,
+    ff_loss,
+    goodness,
+    positive_logit,
+    rms_normalize,
+)
+
+NEUTRAL = -1  # label value that stands for the neutral label (every label entry 0.1)
+
+
+@dataclass(frozen=True)
+class FFNetConfig:
+    """Architecture and goodness of a supervised FF network."""
+
+    in_features: int = 784
+    num_classes: int = 10
+    hidden: tuple[int, ...] = (1000, 1000, 1000)
+    goodness: str = "sumsq"  # sumsq (paper) | meansq | minssq (paper's CIFAR-10 variant)
+    threshold: float | None = None  # None: number of units (sumsq/minssq) or 1.0 (meansq)
+    label_mode: str = "overlay"  # overlay (paper's MNIST run) | concat (h0 = [y; x])
+    # peer-normalization strength; 0.06 on fflab's true loss gradient is Hinton's 0.03 (his
+    # update omits the factor 2 of d(sum a^2)/da, see FFTrainConfig.lr); 0 disables it
+    peer_norm: float = 0.06
+    peer_momentum: float = 0.9  # running-mean momentum of peer normalization
+    score_from: int = 1  # goodness scoring sums hidden layers score_from.. (0-based)
+    head_from: int = 1  # the softmax head reads hidden layers head_from.. (0-based)
+
+    def __post_init__(self) -> None:
+        if not self.hidden or any(h <= 0 for h in self.hidden):
+            raise ValueError(
+                f"hidden must be a non-empty list of positive sizes, got {self.hidden}"
+            )
+        if self.goodness not in GOODNESS_KINDS:
+            raise ValueError(
+                f"goodness must be one of {', '.join(GOODNESS_KINDS)}, got {self.goodness!r}"
+            )
+        if self.label_mode not in ("overlay", "concat"):
+            raise ValueError(f"label_mode must be overlay or concat, got {self.label_mode!r}")
+        if self.label_mode == "overlay" and self.in_features <= self.num_classes:
+            raise ValueError("overlay needs more input features than classes")
+        n = len(self.hidden)
+        for name in ("score_from", "head_from"):
+            v = getattr(self, name)
+            if not 0 <= v < n:
+                raise ValueError(f"{name} must be in 0..{n - 1} for {n} hidden layers, got {v}")
+        if self.peer_norm < 0 or not 0 <= self.peer_momentum < 1:
+            raise ValueError("peer_norm must be >= 0 and peer_momentum in [0, 1)")
+
+    @property
+    def input_width(self) -> int:
+        """Width of the first layer's input (label included)."""
+        extra = self.num_classes if self.label_mode == "concat" else 0
+        return self.in_features + extra
+
+    def theta(self, layer: int) -> float:
+        if self.threshold is not None:
+            return float(self.threshold)
+        return 1.0 if self.goodness == "meansq" else float(self.hidden[layer])
+
+
+class FFNet(nn.Module):
+    """Supervised Forward-Forward network with a linear softmax head.
+
+    Layers are ``nn.Linear`` (weights N(0, 1/fan_in), biases 0, as in Hinton's code). The peer
+    normalization running means are registered buffers, so they move with ``.to(device)`` and
+    are saved in checkpoints.
+    """
+
+    def __init__(self, config: FFNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        widths = (config.input_width, *config.hidden)
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(widths, widths[1:]))
+        for layer in self.layers:
+            nn.init.normal_(layer.weight, 0.0, 1.0 / math.sqrt(layer.in_features))
+            nn.init.zeros_(layer.bias)
+        head_in = sum(config.hidden[config.head_from :])
+        self.head = nn.Linear(head_in, config.num_classes)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        for i, h in enumerate(config.hidden):
+            self.register_buffer(f"running_mean_{i}", torch.full((h,), 0.5))
+
+    # -- state ----------------------------------------------------------------------------
+    def running_mean(self, layer: int) -> Tensor:
+        return getattr(self, f"running_mean_{layer}")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def theta(self, layer: int) -> float:
+        return self.config.theta(layer)
+
+    # -- the first layer, shared across labels ------------------------------------------
+    def image_part(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Label-independent part of the first layer: x (B, D) -> A (B, H_0), sq (B,).
+
+        ``A`` is the image's product with the image columns of the first weight matrix and
+        ``sq`` the image's squared norm (without the label pixels, which overlay replaces).
+        """
+        c = self.config.num_classes
+        xr = x[:, c:] if self.config.label_mode == "overlay" else x  # (B, Dx)
+        w = self.layers[0].weight[:, c:]  # (H_0, Dx)
+        return xr @ w.T, xr.square().sum(1)
+
+    def label_scale(self, sq: Tensor, neutral: bool) -> Tensor:
+        """1 / RMS of the labelled input, from the image's squared norm sq (B,) -> (B,).
+
+        A one-hot row adds 1 to the squared norm whatever the label; the neutral row adds 0.1.
+        """
+        label_sq = 0.1 * self.config.num_classes * 0.1 if neutral else 1.0
+        return torch.rsqrt((sq + label_sq) / self.config.input_width + RMS_EPS)
+
+    def first_layer(self, a_img: Tensor, scale: Tensor, labels: Tensor | None) -> Tensor:
+        """Total input of the first layer for one label per image: (B, H_0), (B,), (B,).
+
+        ``labels=None`` means the neutral label for every image.
+        """
+        layer = self.layers[0]
+        wy = layer.weight[:, : self.config.num_classes]  # (H_0, C)
+        label_in = 0.1 * wy.sum(1) if labels is None else wy.T[labels]  # (H_0,) or (B, H_0)
+        return torch.addcmul(layer.bias, a_img + label_in, scale.unsqueeze(1))
+
+    # -- reference path -------------------------------------------------------------------
+    def activities(self, x: Tensor, labels: Tensor) -> list[Tensor]:
+        """ReLU activities of every layer for images x (B, D) with labels (B,) (-1: neutral).
+
+        The plain path: write the label, RMS-normalize, multiply; each layer's input is the
+        RMS-normalized output of the one below.
+        """
+        h = embed_label(x, labels, self.config.num_classes, self.config.label_mode)
+        out = []
+        for layer in self.layers:
+            a = torch.relu(layer(rms_normalize(h)))
+            out.append(a)
+            h = a
+        return out
+
+    def layer_losses(self, x: Tensor, labels_pos: Tensor, labels_neg: Tensor) -> list[Tensor]:
+        """Per-layer FF losses, each depending only on its own layer's parameters.
+
+        Autograd path (inputs detached between layers): summing these and calling
+        ``backward()`` gives each layer the gradient of its own loss only. The fast trainer
+        computes the same gradients by hand; the tests check that they agree. Peer
+        normalization is not part of these losses.
+        """
+        c = self.config
+        hp = embed_label(x, labels_pos, c.num_classes, c.label_mode)
+        hn = embed_label(x, labels_neg, c.num_classes, c.label_mode)
+        losses = []
+        for i, layer in enumerate(self.layers):
+            ap = torch.relu(layer(rms_normalize(hp.detach())))
+            an = torch.relu(layer(rms_normalize(hn.detach())))
+            gp, gn = goodness(ap, c.goodness), goodness(an, c.goodness)
+            losses.append(ff_loss(gp, gn, self.theta(i), c.goodness))
+            hp, hn = ap, an
+        return losses
+
+    # -- inference ------------------------------------------------------------------------
+    def rest_of_net(self, z0: Tensor) -> list[Tensor]:
+        """Activities of all layers given the first layer's total input z0 (N, H_0)."""
+        a = torch.relu(z0)
+        out = [a]
+        for layer in self.layers[1:]:
+            a = torch.relu(layer(rms_normalize(a)))
+            out.append(a)
+        return out
+
+    @torch.no_grad()
+    def label_scores(self, x: Tensor, layers: Sequence[int] | None = None) -> Tensor:
+        """Summed goodness logit of every candidate label: x (B, D) -> (B, C).
+
+        One first-layer product with the image, shared by all C labels, then one batched pass
+        of C*B rows through the remaining layers. ``layers`` (default: hidden layers
+        ``score_from..``) chooses whose goodness counts. For ``minssq`` the score is the
+        negated sum of squares, so the argmax is always the prediction.
+        """
+        c = self.config
+        layers = range(c.score_from, self.num_layers) if layers is None else layers
+        b = x.shape[0]
+        a_img, sq = self.image_part(x)  # (B, H_0), (B,)
+        scale = self.label_scale(sq, neutral=False)  # (B,)
+        wy = self.layers[0].weight[:, : c.num_classes]  # (H_0, C)
+        z0 = (a_img.unsqueeze(0) + wy.T.unsqueeze(1)) * scale.unsqueeze(1)  # (C, B, H_0)
+        z0 = (z0 + self.layers[0].bias).reshape(c.num_classes * b, -1)  # (C*B, H_0)
+        acts = self.rest_of_net(z0)
+        score = sum(positive_logit(goodness(acts[i], c.goodness), 0.0, c.goodness) for i in layers)
+        return score.reshape(c.num_classes, b).T  # (B, C)
+
+    def head_features(self, acts: Sequence[Tensor]) -> Tensor:
+        """Input of the softmax head: normalized activities of layers head_from.. (B, F)."""
+        return torch.cat([rms_normalize(a) for a in acts[self.config.head_from :]], dim=1)
+
+    @torch.no_grad()
+    def neutral_activities(self, x: Tensor) -> list[Tensor]:
+        """Activities of every layer for the neutral label: x (B, D) -> [(B, H_l)]."""
+        a_img, sq = self.image_part(x)
+        return self.rest_of_net(self.first_layer(a_img, self.label_scale(sq, True), None))
+
+    @torch.no_grad()
+    def head_logits(self, x: Tensor) -> Tensor:
+        """Softmax-head logits from one neutral-label pass: x (B, D) -> (B, C)."""
+        return self.head(self.head_features(self.neutral_activities(x)))
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, mode: str = "goodness") -> Tensor:
+        """Predicted labels (B,) by ``goodness`` scoring or the ``softmax`` head."""
+        if mode == "goodness":
+            return self.label_scores(x).argmax(1)
+        if mode == "softmax":
+            return self.head_logits(x).argmax(1)
+        raise ValueError(f"unknown inference mode {mode!r}; choose goodness or softmax")
