@@ -89,13 +89,15 @@ class FFNet(nn.Module):
     are saved in checkpoints.
     """
 
-    def __init__(self, config: FFNetConfig) -> None:
+    def __init__(self, config: FFNetConfig, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.config = config
         widths = (config.input_width, *config.hidden)
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(widths, widths[1:]))
+        self.layers = nn.ModuleList(
+            nn.Linear(i, o) for i, o in zip(widths[:-1], widths[1:], strict=True)
+        )
         for layer in self.layers:
-            nn.init.normal_(layer.weight, 0.0, 1.0 / math.sqrt(layer.in_features))
+            nn.init.normal_(layer.weight, 0.0, 1.0 / math.sqrt(layer.in_features), generator)
             nn.init.zeros_(layer.bias)
         head_in = sum(config.hidden[config.head_from :])
         self.head = nn.Linear(head_in, config.num_classes)

@@ -1,0 +1,150 @@
+"""The ``fflab`` command line: ``train``, ``eval``, ``presets``.
+
+Exit codes: 0 success, 1 runtime failure (data, divergence, checkpoint), 2 usage error,
+130 interrupted. Every failure is one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from fflab.checkpoint import CheckpointError
+from fflab.config import ConfigError, parse_overrides
+from fflab.data import DataError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        self.exit(2, f"fflab: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fflab", description="Forward-Forward and Boltzmann learning, reproducible.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a preset and evaluate it")
+    t.add_argument("--preset", help="preset name (see 'fflab presets')")
+    t.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="S.K=V",
+        help="override a setting, e.g. --set train.lr=0.01 (repeatable)",
+    )
+    t.add_argument("--epochs", type=int, help="shorthand for --set train.epochs=N")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", type=Path, help="run directory (default runs/PRESET-TIME)")
+    t.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run")
+    _common(t)
+
+    e = sub.add_parser("eval", help="re-evaluate a saved run on the test set")
+    e.add_argument("run_dir", type=Path)
+    _common(e)
+
+    sub.add_parser("presets", help="list presets")
+    return p
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="folder with the IDX .gz files (default $FFLAB_DATA, cache)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+
+
+def _log(quiet: bool):
+    return (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+
+
+def _print_results(summary: dict) -> None:
+    keys = [k for k in summary if k.startswith(("test_", "train_error", "val_", "log_z"))]
+    for k in keys:
+        v = summary[k]
+        print(f"{k:>24}: {v:.4f}" if isinstance(v, float) else f"{k:>24}: {v}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fflab import presets, runs
+
+    device = runs.resolve_device(args.device)
+    if args.resume is not None:
+        if args.preset or args.overrides or args.epochs:
+            raise ConfigError("--resume takes the run's own config; drop --preset/--set/--epochs")
+        out, config = args.resume, None
+    else:
+        if not args.preset:
+            raise ConfigError("train needs --preset NAME (or --resume RUN_DIR)")
+        overrides = parse_overrides(args.overrides)
+        if args.epochs is not None:
+            overrides.setdefault("train", {})["epochs"] = str(args.epochs)
+        config = presets.resolve(args.preset, overrides, seed=args.seed)
+        out = args.out or Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    log = _log(args.quiet)
+    log(f"run directory: {out}")
+    summary = runs.train(
+        config,
+        out,
+        device=device,
+        data_dir=args.data_dir,
+        resume=args.resume is not None,
+        progress=not args.quiet,
+        log=log,
+    )
+    _print_results(summary)
+    print(f"{'wall_seconds':>24}: {summary['wall_seconds']:.1f}")
+    print(f"{'train_samples_per_second':>24}: {summary['train_samples_per_second']:.0f}")
+    print(f"{'summary':>24}: {out / 'summary.json'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fflab import runs
+
+    device = runs.resolve_device(args.device)
+    result = runs.evaluate_run(args.run_dir, device=device, data_dir=args.data_dir)
+    _print_results(result)
+    (out := args.run_dir / "eval.json")
+    from fflab.checkpoint import atomic_write_text
+
+    atomic_write_text(out, json.dumps(result, indent=2))
+    print(f"{'results':>24}: {out}")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from fflab.presets import PRESETS
+
+    width = max(map(len, PRESETS))
+    for p in PRESETS.values():
+        print(f"{p.name:<{width}}  [{p.algorithm}] {p.description}")
+        print(f"{'':<{width}}  expected: {p.expected}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from fflab.runs import RunError
+
+    handler = {"train": cmd_train, "eval": cmd_eval, "presets": cmd_presets}[args.command]
+    try:
+        return handler(args)
+    except ConfigError as e:
+        print(f"fflab: error: {e}", file=sys.stderr)
+        return 2
+    except (DataError, RunError, CheckpointError) as e:
+        print(f"fflab: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "fflab: interrupted; the last completed epoch is checkpointed (train --resume)",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

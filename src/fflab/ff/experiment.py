@@ -1,0 +1,111 @@
+"""A supervised FF run: the glue between :class:`FFTrainer` and the run loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fflab.checkpoint import flatten_optimizer, unflatten_optimizer
+from fflab.config import RunConfig
+from fflab.data import Datasets, Split
+from fflab.ff.model import FFNet, FFNetConfig
+from fflab.ff.train import FFTrainer
+
+
+@torch.no_grad()
+def error_rate(net: FFNet, split: Split, mode: str, batch_size: int) -> float:
+    """Test error in percent of ``net`` on ``split`` by ``goodness`` or ``softmax``."""
+    wrong = 0
+    for i in range(0, len(split), batch_size):
+        pred = net.predict(split.x[i : i + batch_size], mode)
+        wrong += int((pred != split.y[i : i + batch_size]).sum())
+    return 100.0 * wrong / max(len(split), 1)
+
+
+class FFExperiment:
+    def __init__(self, config: RunConfig, data: Datasets, device: torch.device, generator):
+        mcfg: FFNetConfig = config.model
+        if mcfg.in_features != data.train.x.shape[1] or mcfg.num_classes != data.num_classes:
+            raise ValueError(
+                f"model expects {mcfg.in_features} features and {mcfg.num_classes} classes, "
+                f"data has {data.train.x.shape[1]} and {data.num_classes}"
+            )
+        self.config = config
+        self.data = data
+        self.net = FFNet(mcfg, generator=generator).to(device)
+        self.trainer = FFTrainer(self.net, config.train)
+        tcfg = config.train
+        n_layers = self.net.num_layers
+        self.greedy = tcfg.layer_schedule == "greedy"
+        self.epochs = tcfg.epochs * (n_layers if self.greedy else 1)
+        self.samples_per_epoch = len(data.train)
+
+    def _active(self, epoch: int) -> tuple[range, int, int]:
+        """Layers that learn in ``epoch``, the epoch within its schedule and its length."""
+        e = self.config.train.epochs
+        if not self.greedy:
+            return range(self.net.num_layers), epoch, e
+        layer = epoch // e
+        return range(layer, layer + 1), epoch % e, e
+
+    def train_epoch(self, epoch: int, generator: torch.Generator, on_batch) -> dict[str, float]:
+        active, local_epoch, length = self._active(epoch)
+        self.net.train()
+
+        def report(n: int, stats: Tensor) -> None:
+            on_batch(n, {"loss": float(stats[:, 0].sum())})
+
+        tr = self.data.train
+        stats = self.trainer.train_epoch(
+            tr.x, tr.y, local_epoch, generator, active, length, on_batch=report
+        )
+        out = {"loss": float(stats[:, 0].sum()), "lr": self.trainer.optimizer.param_groups[0]["lr"]}
+        for i in range(self.net.num_layers):
+            out[f"loss_{i}"] = float(stats[i, 0])
+            out[f"goodness_pos_{i}"] = float(stats[i, 1])
+            out[f"goodness_neg_{i}"] = float(stats[i, 2])
+        return out
+
+    def epoch_evaluation(self) -> dict[str, float]:
+        out = {}
+        bs = self.config.data.eval_batch_size
+        if self.data.validation is not None:
+            out["val_error_goodness"] = error_rate(self.net, self.data.validation, "goodness", bs)
+            out["val_error_softmax"] = error_rate(self.net, self.data.validation, "softmax", bs)
+        if self.config.train.log_test_error:
+            out["test_error_goodness"] = error_rate(self.net, self.data.test, "goodness", bs)
+            out["test_error_softmax"] = error_rate(self.net, self.data.test, "softmax", bs)
+        return out
+
+    def evaluate(self) -> dict[str, Any]:
+        bs = self.config.data.eval_batch_size
+        self.net.eval()
+        out = {
+            "test_error_goodness": error_rate(self.net, self.data.test, "goodness", bs),
+            "test_error_softmax": error_rate(self.net, self.data.test, "softmax", bs),
+            "train_error_goodness": error_rate(self.net, self.data.train, "goodness", bs),
+        }
+        if self.data.validation is not None:
+            out["val_error_goodness"] = error_rate(self.net, self.data.validation, "goodness", bs)
+            out["val_error_softmax"] = error_rate(self.net, self.data.validation, "softmax", bs)
+        return out
+
+    def state_tensors(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        tensors = {f"model.{k}": v for k, v in self.net.state_dict().items()}
+        opt_tensors, opt_meta = flatten_optimizer(self.trainer.optimizer)
+        tensors.update(opt_tensors)
+        return tensors, {"optimizer": opt_meta}
+
+    def load_state_tensors(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        self.net.load_state_dict(model)
+        unflatten_optimizer(self.trainer.optimizer, tensors, meta["optimizer"])
+
+    def parameters_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.net.parameters())
+
+
+def build(config: RunConfig, data: Datasets, device: torch.device, generator) -> FFExperiment:
+    return FFExperiment(config, data, device, generator)

@@ -1,0 +1,233 @@
+"""The run loop: run directories, checkpoints, resume, progress bars, divergence, summaries.
+
+A run directory holds ``config.json`` (the resolved config), ``metrics.jsonl`` (one line per
+epoch), ``checkpoint.safetensors`` (written atomically after every epoch) and, when training
+ends, ``summary.json``. Randomness is explicit: weights are drawn from a generator seeded with
+the run's seed, and every epoch draws from its own generator seeded with (seed, epoch), so a
+resumed run makes exactly the draws an uninterrupted one makes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+import fflab
+from fflab import checkpoint, data
+from fflab.config import ConfigError, RunConfig
+from fflab.experiment import ALGORITHMS, Experiment
+from fflab.presets import from_dict
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+class RunError(RuntimeError):
+    """A run cannot go on (bad run directory, divergence); the message says why."""
+
+
+class Diverged(RunError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: no CUDA GPU is available; use --device cpu")
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ConfigError(f"--device {name!r}: choose auto, cpu or cuda")
+
+
+def prepare_data(config: RunConfig, data_dir: str | None, device: torch.device) -> data.Datasets:
+    """Load the run's dataset, apply subset and binarization, move it to ``device``."""
+    dc = config.data
+    ds = data.load(dc.dataset, data_dir, validation=dc.validation)
+    if dc.train_subset:
+        ds = data.Datasets(
+            data.Split(ds.train.x[: dc.train_subset], ds.train.y[: dc.train_subset]),
+            ds.test,
+            ds.validation,
+            ds.image_shape,
+            ds.num_classes,
+        )
+    if dc.binarize != "none":
+        g = torch.Generator().manual_seed(dc.binarize_seed)
+
+        def b(s: data.Split | None) -> data.Split | None:
+            return None if s is None else data.Split(data.binarize(s.x, dc.binarize, g), s.y)
+
+        ds = data.Datasets(b(ds.train), b(ds.test), b(ds.validation), ds.image_shape, 10)
+    return ds.to(device)
+
+
+def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed * 1_000_003 + epoch + 1)
+    return g
+
+
+def build_experiment(config: RunConfig, data_dir: str | None, device: torch.device) -> Experiment:
+    ds = prepare_data(config, data_dir, device)
+    init = torch.Generator().manual_seed(config.seed)
+    try:
+        return ALGORITHMS[config.algorithm].build(config, ds, device, init)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _environment(device: torch.device) -> dict[str, Any]:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    return {
+        "device": str(device),
+        "device_name": name or platform.machine(),
+        "torch_version": torch.__version__,
+        "fflab_version": fflab.__version__,
+        "python_version": platform.python_version(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def train(
+    config: RunConfig | None,
+    out_dir: Path,
+    *,
+    device: torch.device,
+    data_dir: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
+    """Train (or, with ``resume``, continue) the run in ``out_dir``; return its summary."""
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / CHECKPOINT
+    if resume:
+        if not (out_dir / "config.json").is_file():
+            raise RunError(f"{out_dir} is not a run directory (no config.json)")
+        config = from_dict(json.loads((out_dir / "config.json").read_text()))
+    elif ckpt_path.exists():
+        raise RunError(f"{out_dir} already holds a run; use --resume {out_dir} or another --out")
+    if config is None:
+        raise ValueError("config is required unless resuming")
+
+    exp = build_experiment(config, data_dir, device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start_epoch, train_seconds, wall_seconds = 0, 0.0, 0.0
+    metrics = []
+    if resume and ckpt_path.exists():
+        tensors, meta = checkpoint.load(ckpt_path, device)
+        exp.load_state_tensors(tensors, meta)
+        start_epoch = int(meta["epochs_done"])
+        train_seconds, wall_seconds = meta["train_seconds"], meta["wall_seconds"]
+        metrics = [m for m in _read_jsonl(out_dir / "metrics.jsonl") if m["epoch"] <= start_epoch]
+        log(f"resuming {out_dir} after epoch {start_epoch} of {exp.epochs}")
+    checkpoint.atomic_write_text(out_dir / "config.json", config.to_json())
+    checkpoint.atomic_write_text(
+        out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics)
+    )
+
+    for epoch in range(start_epoch, exp.epochs):
+        t0 = time.perf_counter()
+        bar = tqdm(
+            total=exp.samples_per_epoch,
+            desc=f"epoch {epoch + 1}/{exp.epochs}",
+            unit="img",
+            unit_scale=True,
+            disable=not progress,
+            mininterval=0.5,
+            leave=False,
+        )
+        done = 0
+
+        def on_batch(n: int, values: dict[str, float], bar=bar, epoch=epoch) -> None:
+            nonlocal done
+            if not math.isfinite(values.get("loss", 0.0)):
+                raise Diverged(
+                    f"training diverged in epoch {epoch + 1} (loss {values['loss']}); "
+                    f"kept the checkpoint of epoch {epoch} in {out_dir}"
+                )
+            bar.update(n - done)
+            done = n
+            bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+
+        try:
+            m = exp.train_epoch(epoch, epoch_generator(config.seed, epoch, device), on_batch)
+        finally:
+            bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        if not math.isfinite(m["loss"]) or not exp.parameters_finite():
+            raise Diverged(
+                f"training diverged in epoch {epoch + 1} (loss {m['loss']}); "
+                f"kept the checkpoint of epoch {epoch} in {out_dir}"
+            )
+        train_seconds += dt
+        m.update(exp.epoch_evaluation())
+        wall_seconds += time.perf_counter() - t0
+        m = {
+            "epoch": epoch + 1,
+            "seconds": dt,
+            "samples_per_second": exp.samples_per_epoch / dt,
+            "wall_seconds": wall_seconds,
+            **m,
+        }
+        tensors, meta = exp.state_tensors()
+        meta.update(epochs_done=epoch + 1, train_seconds=train_seconds, wall_seconds=wall_seconds)
+        checkpoint.save(ckpt_path, tensors, meta)
+        with open(out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(m) + "\n")
+        shown = {k: v for k, v in m.items() if not k.startswith(("goodness", "loss_"))}
+        log(
+            "  ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()
+            )
+        )
+
+    t0 = time.perf_counter()
+    results = exp.evaluate()
+    wall_seconds += time.perf_counter() - t0
+    summary = {
+        **results,
+        "epochs": exp.epochs,
+        "wall_seconds": wall_seconds,
+        "train_seconds": train_seconds,
+        "train_samples_per_second": exp.epochs * exp.samples_per_epoch / max(train_seconds, 1e-9),
+        "seed": config.seed,
+        "preset": config.preset,
+        "algorithm": config.algorithm,
+        "dataset": config.data.dataset,
+        **_environment(device),
+    }
+    checkpoint.atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def evaluate_run(
+    run_dir: Path, *, device: torch.device, data_dir: str | None = None
+) -> dict[str, Any]:
+    """Re-evaluate the checkpoint of a run directory on the test set."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise RunError(f"{run_dir} is not a run directory (no config.json)")
+    config = from_dict(json.loads((run_dir / "config.json").read_text()))
+    exp = build_experiment(config, data_dir, device)
+    tensors, meta = checkpoint.load(run_dir / CHECKPOINT, device)
+    exp.load_state_tensors(tensors, meta)
+    return {**exp.evaluate(), "epochs_done": meta["epochs_done"], **_environment(device)}
