@@ -127,8 +127,10 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from fflab._runtime import tune_allocator
     from fflab.runs import RunError
 
+    tune_allocator()
     handler = {"train": cmd_train, "eval": cmd_eval, "presets": cmd_presets}[args.command]
     try:
         return handler(args)

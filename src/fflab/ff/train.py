@@ -152,8 +152,9 @@ class FFTrainer:
             if i == 0:
                 self._first_layer_grad(x, y, y_neg, dz_pos, dz_neg, s_lab)
             else:
-                w_grad = dz_pos.T @ inputs_pn[i][:b]
-                layer.weight.grad = w_grad.addmm_(dz_neg.T, inputs_neg[i])
+                # one product over the stacked positive and negative samples
+                dz = torch.cat([dz_pos, dz_neg])  # (2B, H_i)
+                layer.weight.grad = dz.T @ torch.cat([inputs_pn[i][:b], inputs_neg[i]])
             layer.bias.grad = dz_pos.sum(0) + dz_neg.sum(0)
         for i in range(n_layers):
             if i not in active:
