@@ -1,0 +1,36 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _mnist_dir() -> Path | None:
+    for cand in (os.environ.get("FFLAB_TEST_DATA"), REPO.parent / "shared" / "data" / "mnist"):
+        if cand and (Path(cand) / "train-images-idx3-ubyte.gz").is_file():
+            return Path(cand)
+    return None
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    d = _mnist_dir()
+    if d is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI needs MNIST: set FFLAB_TEST_DATA or provide ../shared/data/mnist")
+        pytest.skip("MNIST files not available (set FFLAB_TEST_DATA)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def mnist(mnist_dir):
+    from fflab.data import load_mnist
+
+    return load_mnist(mnist_dir, allow_download=False)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)

@@ -1,0 +1,152 @@
+"""Exact enumeration against an independent brute force, and against autograd."""
+
+import itertools
+
+import pytest
+import torch
+
+from fflab.boltzmann import (
+    RBM,
+    BoltzmannMachine,
+    exact_gradient,
+    exact_log_prob,
+    exact_log_z,
+)
+
+
+def all_states(n):
+    return torch.tensor(list(itertools.product([0.0, 1.0], repeat=n)), dtype=torch.float64)
+
+
+def random_rbm(n_visible, n_hidden, seed, std=1.0):
+    g = torch.Generator().manual_seed(seed)
+    rbm = RBM(n_visible, n_hidden).double()
+    with torch.no_grad():
+        rbm.W.normal_(0.0, std, generator=g)
+        rbm.b_v.normal_(0.0, 0.5, generator=g)
+        rbm.b_h.normal_(0.0, 0.5, generator=g)
+    return rbm
+
+
+def random_bm(n_visible, n_hidden, seed, std=1.0):
+    g = torch.Generator().manual_seed(seed)
+    bm = BoltzmannMachine(n_visible, n_hidden, init_std=std, generator=g).double()
+    with torch.no_grad():
+        bm.b_v.normal_(0.0, 0.5, generator=g)
+        bm.b_h.normal_(0.0, 0.5, generator=g)
+    return bm
+
+
+def brute_neg_energy(v, h, W, L, J, b_v, b_h):
+    """-E(v, h) written out as sums over units, for every pair of rows of v (A, V), h (B, H)."""
+    out = torch.zeros(v.shape[0], h.shape[0], dtype=torch.float64)
+    for a in range(v.shape[0]):
+        for b in range(h.shape[0]):
+            x, y = v[a], h[b]
+            e = (b_v * x).sum() + (b_h * y).sum()
+            e = e + 0.5 * sum(L[i, j] * x[i] * x[j] for i in range(len(x)) for j in range(len(x)))
+            e = e + 0.5 * sum(J[i, j] * y[i] * y[j] for i in range(len(y)) for j in range(len(y)))
+            e = e + sum(W[i, j] * x[i] * y[j] for i in range(len(x)) for j in range(len(y)))
+            out[a, b] = e
+    return out
+
+
+def brute_log_p(model, v):
+    """log p(v) of each row of v by summing exp(-E) over every joint state (float64)."""
+    n_v, n_h = model.n_visible, model.n_hidden
+    W, b_v, b_h = model.W, model.b_v, model.b_h
+    L = getattr(model, "L", torch.zeros(n_v, n_v, dtype=torch.float64))
+    J = getattr(model, "J", torch.zeros(n_h, n_h, dtype=torch.float64))
+    hs = all_states(n_h)
+    log_z = torch.logsumexp(brute_neg_energy(all_states(n_v), hs, W, L, J, b_v, b_h).reshape(-1), 0)
+    return torch.logsumexp(brute_neg_energy(v, hs, W, L, J, b_v, b_h), 1) - log_z, log_z
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (3, 6), (4, 4)])
+def test_rbm_log_z_matches_brute_force_either_side_enumerated(shape):
+    rbm = random_rbm(*shape, seed=1)
+    _, log_z = brute_log_p(rbm, all_states(shape[0])[:1])
+    torch.testing.assert_close(exact_log_z(rbm).detach(), log_z.detach(), rtol=0, atol=1e-10)
+
+
+def test_bm_log_z_and_log_prob_match_brute_force():
+    bm = random_bm(3, 2, seed=2)
+    vs = all_states(3)
+    log_p, log_z = brute_log_p(bm, vs)
+    torch.testing.assert_close(exact_log_z(bm).detach(), log_z.detach(), rtol=0, atol=1e-10)
+    torch.testing.assert_close(exact_log_prob(bm, vs).detach(), log_p.detach(), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("model", [random_rbm(6, 3, seed=3), random_rbm(3, 7, seed=4)])
+def test_rbm_log_prob_matches_brute_force_and_normalizes(model):
+    vs = all_states(model.n_visible)
+    log_p, _ = brute_log_p(model, vs)
+    ours = exact_log_prob(model, vs).detach()
+    torch.testing.assert_close(ours, log_p.detach(), rtol=0, atol=1e-10)
+    assert abs(float(torch.logsumexp(ours, 0))) < 1e-10
+
+
+def test_exact_works_in_float32_model_and_returns_float64():
+    rbm = random_rbm(5, 4, seed=5)
+    rbm32 = RBM(5, 4)
+    rbm32.load_state_dict({k: v.float() for k, v in rbm.state_dict().items()})
+    z = exact_log_z(rbm32)
+    assert z.dtype == torch.float64
+    assert abs(float(z) - float(exact_log_z(rbm))) < 1e-5
+
+
+def _data(n_visible, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, n_visible, generator=g, dtype=torch.float64) < 0.4).double()
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (3, 5)])
+def test_rbm_exact_gradient_equals_autograd_of_brute_force_log_likelihood(shape):
+    rbm = random_rbm(*shape, seed=6)
+    data = _data(shape[0], 12, seed=7)
+    log_p, _ = brute_log_p(rbm, data)
+    auto = torch.autograd.grad(log_p.mean(), [rbm.W, rbm.b_v, rbm.b_h])
+    ours = exact_gradient(rbm, data)
+    assert set(ours) == {"W", "b_v", "b_h"}
+    for name, g in zip(["W", "b_v", "b_h"], auto, strict=True):
+        torch.testing.assert_close(ours[name], g, rtol=0, atol=1e-10)
+    # and the library's own log-probability is differentiable to the same gradient
+    auto2 = torch.autograd.grad(exact_log_prob(rbm, data).mean(), [rbm.W])[0]
+    torch.testing.assert_close(ours["W"], auto2, rtol=0, atol=1e-10)
+
+
+def test_bm_exact_gradient_equals_autograd_with_tied_symmetric_weights():
+    bm = random_bm(3, 2, seed=8)
+    data = _data(3, 10, seed=9)
+    log_p, _ = brute_log_p(bm, data)
+    names = ["W", "L", "J", "b_v", "b_h"]
+    auto = dict(zip(names, torch.autograd.grad(log_p.mean(), [getattr(bm, n) for n in names])))
+    # L_ij and L_ji are one parameter: its derivative is G_ij + G_ji (diagonal fixed at 0).
+    for name in ("L", "J"):
+        g = auto[name]
+        auto[name] = (g + g.T) * (1 - torch.eye(g.shape[0], dtype=g.dtype))
+    ours = exact_gradient(bm, data)
+    assert set(ours) == set(names)
+    for name in names:
+        torch.testing.assert_close(ours[name], auto[name], rtol=0, atol=1e-10)
+
+
+def test_too_large_models_raise():
+    with pytest.raises(ValueError, match="too large for exact enumeration.*limit 24"):
+        exact_log_z(RBM(30, 25))
+    with pytest.raises(ValueError, match="too large for exact enumeration.*limit 24"):
+        exact_log_z(BoltzmannMachine(20, 5))
+    with pytest.raises(ValueError, match="too large"):
+        exact_gradient(BoltzmannMachine(20, 5), torch.zeros(2, 20))
+
+
+def test_bad_data_raises():
+    rbm = random_rbm(4, 3, seed=10)
+    with pytest.raises(ValueError, match="binary"):
+        exact_log_prob(rbm, torch.full((2, 4), 0.5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"shape \(batch, 4\)"):
+        exact_log_prob(rbm, torch.zeros(2, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="binary"):
+        exact_gradient(rbm, torch.full((2, 4), 2.0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="RBM or a BoltzmannMachine"):
+        exact_log_z(torch.nn.Linear(2, 2))
