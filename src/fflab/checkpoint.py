@@ -84,4 +84,8 @@ def unflatten_optimizer(
     for key, v in meta["scalars"].items():
         idx, k = key.split(".", 1)
         state.setdefault(int(idx), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    # hyperparameters come from the run's config (the optimizer as built); state from the file
+    groups = opt.state_dict()["param_groups"]
+    if [g["params"] for g in groups] != [g["params"] for g in meta["param_groups"]]:
+        raise CheckpointError("checkpoint's optimizer does not match the model's parameters")
+    opt.load_state_dict({"state": state, "param_groups": groups})

@@ -12,6 +12,7 @@ with a message that names the file, what was expected, and how to fix it.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import os
@@ -155,6 +156,13 @@ def parse_idx(raw: bytes, f: IdxFile, path: Path) -> np.ndarray:
 
 
 def read_idx(path: Path, f: IdxFile) -> np.ndarray:
+    st = path.stat()
+    return _read_idx_cached(path.resolve(), st.st_size, st.st_mtime_ns, f)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_idx_cached(path: Path, size: int, mtime_ns: int, f: IdxFile) -> np.ndarray:
+    """Decode and check a file once per process (keyed by path, size and mtime)."""
     try:
         with gzip.open(path, "rb") as fh:
             raw = fh.read()

@@ -137,6 +137,8 @@ def train(
         train_seconds, wall_seconds = meta["train_seconds"], meta["wall_seconds"]
         metrics = [m for m in _read_jsonl(out_dir / "metrics.jsonl") if m["epoch"] <= start_epoch]
         log(f"resuming {out_dir} after epoch {start_epoch} of {exp.epochs}")
+    if start_epoch < exp.epochs:
+        (out_dir / "summary.json").unlink(missing_ok=True)  # it described an earlier state
     checkpoint.atomic_write_text(out_dir / "config.json", config.to_json())
     checkpoint.atomic_write_text(
         out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics)

@@ -1,0 +1,152 @@
+"""The command line: exit codes and one-line errors, no tracebacks, nothing half-written."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+def fflab(*args, cwd=None):
+    r = subprocess.run(
+        [sys.executable, "-m", "fflab.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
+    return r.returncode, r.stdout, r.stderr
+
+
+def one_line_error(err):
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_presets_lists_every_preset_with_expectation():
+    code, out, _ = fflab("presets")
+    assert code == 0
+    for name in ("mnist-ff", "mnist-ff-hinton-code", "mnist-ff-quick", "smoke"):
+        assert name in out
+    assert out.count("expected:") >= 4
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["train", "--preset", "nope"], "unknown preset 'nope'"),
+        (["train", "--preset", "smoke", "--set", "train.bogus=1"], "unknown setting train.bogus"),
+        (["train", "--preset", "smoke", "--set", "train.epochs=two"], "expected int"),
+        (["train", "--preset", "smoke", "--set", "lr"], "section.key=value"),
+        (["train", "--preset", "smoke", "--set", "model.goodness=l1"], "goodness must be"),
+        (["train"], "needs --preset"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_usage_errors_exit_2(tmp_path, args, needle):
+    code, _, err = fflab(*args, "--out", tmp_path / "r") if args[0] == "train" else fflab(*args)
+    assert code == 2
+    assert needle in one_line_error(err)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_gpu_is_a_usage_error(tmp_path, mnist_dir):
+    code, _, err = fflab(
+        "train",
+        "--preset",
+        "smoke",
+        "--device",
+        "cuda",
+        "--out",
+        tmp_path / "r",
+        "--data-dir",
+        mnist_dir,
+    )
+    assert code == 2 and "no CUDA GPU" in one_line_error(err)
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_data_is_a_runtime_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("FFLAB_MIRRORS", "http://127.0.0.1:9/")
+    (tmp_path / "empty").mkdir()
+    code, _, err = fflab(
+        "train",
+        "--preset",
+        "smoke",
+        "--out",
+        tmp_path / "r",
+        "--data-dir",
+        tmp_path / "empty",
+        "--quiet",
+    )
+    line = one_line_error(err)
+    assert code == 1 and "train-images-idx3-ubyte.gz" in line and "--data-dir" in line
+    assert not (tmp_path / "r").exists()
+    assert not list((tmp_path / "cache").rglob("*.part"))
+
+
+def test_train_eval_and_resume_refusals(tmp_path, mnist_dir):
+    out = tmp_path / "r"
+    code, stdout, err = fflab(
+        "train", "--preset", "smoke", "--out", out, "--data-dir", mnist_dir, "--epochs", "1"
+    )
+    assert code == 0, err
+    assert "test_error_goodness" in stdout and "test_error_softmax" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    code, stdout, err = fflab("eval", out, "--data-dir", mnist_dir, "--quiet")
+    assert code == 0, err
+    assert f"{summary['test_error_goodness']:.4f}" in stdout
+    code, _, err = fflab("train", "--preset", "smoke", "--out", out, "--data-dir", mnist_dir)
+    assert code == 1 and "already holds a run" in one_line_error(err)
+    code, _, err = fflab("train", "--resume", out, "--preset", "smoke")
+    assert code == 2 and "--resume takes the run's own config" in one_line_error(err)
+    code, _, err = fflab("eval", tmp_path / "nowhere")
+    assert code == 1 and "not a run directory" in one_line_error(err)
+
+
+def test_corrupt_checkpoint_is_a_runtime_error(tmp_path, mnist_dir):
+    out = tmp_path / "r"
+    assert (
+        fflab(
+            "train",
+            "--preset",
+            "smoke",
+            "--out",
+            out,
+            "--data-dir",
+            mnist_dir,
+            "--epochs",
+            "1",
+            "--quiet",
+        )[0]
+        == 0
+    )
+    (out / "checkpoint.safetensors").write_bytes(b"\0" * 100)
+    code, _, err = fflab("eval", out, "--data-dir", mnist_dir)
+    assert code == 1 and "unreadable" in one_line_error(err)
+
+
+def test_diverging_run_exits_1_and_keeps_checkpoint(tmp_path, mnist_dir):
+    out = tmp_path / "r"
+    code, _, err = fflab(
+        "train",
+        "--preset",
+        "smoke",
+        "--out",
+        out,
+        "--data-dir",
+        mnist_dir,
+        "--set",
+        "train.lr=1e30",
+        "--set",
+        "train.lr_schedule=constant",
+        "--quiet",
+    )
+    assert code == 1 and "diverged in epoch 1" in one_line_error(err)
+    assert not (out / "checkpoint.safetensors").exists()  # no epoch completed: nothing to keep
+    assert not (out / "summary.json").exists()
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
