@@ -123,7 +123,8 @@ def test_bm_exact_gradient_equals_autograd_with_tied_symmetric_weights():
     data = _data(3, 10, seed=9)
     log_p, _ = brute_log_p(bm, data)
     names = ["W", "L", "J", "b_v", "b_h"]
-    auto = dict(zip(names, torch.autograd.grad(log_p.mean(), [getattr(bm, n) for n in names])))
+    grads = torch.autograd.grad(log_p.mean(), [getattr(bm, n) for n in names])
+    auto = dict(zip(names, grads, strict=True))
     # L_ij and L_ji are one parameter: its derivative is G_ij + G_ji (diagonal fixed at 0).
     for name in ("L", "J"):
         g = auto[name]
