@@ -78,4 +78,10 @@ ALGORITHMS = {
         "fflab.ff.train:FFTrainConfig",
         "fflab.ff.experiment:build",
     ),
+    "bp": Algorithm(
+        "bp",
+        "fflab.backprop:BPNetConfig",
+        "fflab.backprop:BPTrainConfig",
+        "fflab.backprop:build",
+    ),
 }

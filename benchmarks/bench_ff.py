@@ -1,0 +1,218 @@
+"""FF vs backprop speed, as fractions of this machine's own float32 matmul rate.
+
+    python benchmarks/bench_ff.py [--data-dir DIR] [--device cpu|cuda] [--quick]
+
+For 4 x 2000 and 3 x 1000 at batch 100 and 1000 it measures, in one run: FF training
+samples/s, backprop-twin training samples/s, goodness-scoring and softmax-head inference
+samples/s, and the float32 matmul rate measured right before and after each of them (the rate
+of a shared machine drifts within minutes). FLOPs counted are those of the matrix products each
+algorithm requires (2 * m * n * k per product; elementwise work is not counted):
+
+- FF training, per sample: layer 0: the image product (shared by the positive, negative and
+  neutral passes) and one weight-gradient product (positive and negative share the input
+  scale): 2 * 2 * Dx * H0. Layer l >= 1: three forward passes (positive, negative, neutral)
+  and two weight-gradient products: 5 * 2 * H_{l-1} * H_l. Head: forward + gradient, 2 * 2 * F * C.
+- Backprop, per sample: forward 2 * fan_in * fan_out per layer (output layer included),
+  weight gradient the same, input gradient the same for every layer but the first.
+- Goodness scoring, per image: one image product 2 * Dx * H0, then C passes through layers
+  1..L-1: C * sum 2 * H_{l-1} * H_l.
+- Softmax head inference, per image: one neutral pass 2 * (Dx * H0 + sum H_{l-1} * H_l) + head.
+
+Results go to benchmarks/results/ff-<host>-<date>.json and a table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import fflab
+from fflab._runtime import tune_allocator
+from fflab.backprop import BPNet, BPNetConfig
+from fflab.ff.model import FFNet, FFNetConfig
+from fflab.ff.train import FFTrainConfig, FFTrainer
+
+D, C = 784, 10
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(device, n=2048, seconds=0.7) -> float:
+    """Float32 GFLOP/s of an n x n product on ``device`` (best of repeated timings)."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    a @ b
+    sync(device)
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def timed(fn, device, min_seconds: float, warmup: int = 2) -> float:
+    """Seconds per call of ``fn`` (after ``warmup`` calls), over at least ``min_seconds``."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    n, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        if n >= 3 and time.perf_counter() - t0 >= min_seconds:
+            break
+    sync(device)
+    return (time.perf_counter() - t0) / n
+
+
+def flops(hidden):
+    dx = D - C  # overlay: the label replaces C pixels
+    pairs = list(zip(hidden[:-1], hidden[1:], strict=True))
+    deep = sum(2 * a * b for a, b in pairs)
+    head_f = sum(hidden[1:]) if len(hidden) > 1 else hidden[0]
+    ff_train = 2 * 2 * dx * hidden[0] + 5 * deep + 2 * 2 * head_f * C
+    fan = [(D, hidden[0]), *pairs, (hidden[-1], C)]
+    fwd = sum(2 * a * b for a, b in fan)
+    bp_train = 3 * fwd - 2 * D * hidden[0]
+    goodness = 2 * dx * hidden[0] + C * deep
+    softmax = 2 * dx * hidden[0] + deep + 2 * head_f * C
+    return {"ff_train": ff_train, "bp_train": bp_train, "goodness": goodness, "softmax": softmax}
+
+
+def bench_one(hidden, batch, x, y, device, min_seconds):
+    g = torch.Generator(device=device).manual_seed(0)
+    init = torch.Generator().manual_seed(0)
+    ff = FFNet(FFNetConfig(hidden=hidden), generator=init).to(device)
+    tr = FFTrainer(ff, FFTrainConfig())
+    bp = BPNet(BPNetConfig(hidden=hidden), generator=init).to(device)
+    opt = torch.optim.SGD(bp.parameters(), lr=0.01, momentum=0.9)
+    n = x.shape[0] // batch
+    state = {"i": 0}
+
+    def nxt():
+        i = state["i"] = (state["i"] + 1) % n
+        return x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]
+
+    def ff_step():
+        tr.step(*nxt(), g)
+
+    def bp_step():
+        xb, yb = nxt()
+        loss = torch.nn.functional.cross_entropy(bp(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def scoring():
+        ff.label_scores(nxt()[0])
+
+    def softmax():
+        ff.head_logits(nxt()[0])
+
+    fl = flops(hidden)
+    row = {"hidden": list(hidden), "batch": batch}
+    for name, fn, key in [
+        ("ff_train", ff_step, "ff_train"),
+        ("bp_train", bp_step, "bp_train"),
+        ("goodness_inference", scoring, "goodness"),
+        ("softmax_inference", softmax, "softmax"),
+    ]:
+        before = matmul_rate(device)
+        sec = timed(fn, device, min_seconds)
+        rate = (before + matmul_rate(device)) / 2
+        sps = batch / sec
+        gflops = fl[key] * sps / 1e9
+        row[name] = {
+            "samples_per_second": sps,
+            "gflops": gflops,
+            "matmul_gflops": rate,
+            "fraction_of_matmul": gflops / rate,
+            "flops_per_sample": fl[key],
+        }
+    row["ff_bp_time_ratio"] = (
+        row["bp_train"]["samples_per_second"] / row["ff_train"]["samples_per_second"]
+    )
+    row["ff_bp_flop_ratio"] = fl["ff_train"] / fl["bp_train"]
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quick", action="store_true", help="shorter timings (noisier)")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = p.parse_args(argv)
+    tune_allocator()
+    dev = args.device
+    device = torch.device(
+        "cuda" if dev == "auto" and torch.cuda.is_available() else ("cpu" if dev == "auto" else dev)
+    )
+    try:
+        from fflab.data import load_mnist
+
+        ds = load_mnist(args.data_dir)
+        x, y = ds.train.x[:20000].to(device), ds.train.y[:20000].to(device)
+        source = "mnist"
+    except Exception as e:  # the benchmark measures speed; random images do as well
+        print(f"note: MNIST unavailable ({e}); timing on random images", file=sys.stderr)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.rand(20000, D, generator=gen).to(device)
+        x[:, :C] = 0
+        y = torch.randint(0, C, (20000,), generator=gen).to(device)
+        source = "random"
+    min_seconds = 1.0 if args.quick else 3.0
+    rows = []
+    for hidden in [(2000, 2000, 2000, 2000), (1000, 1000, 1000)]:
+        for batch in (100, 1000):
+            rows.append(bench_one(hidden, batch, x, y, device, min_seconds))
+            r = rows[-1]
+            print(
+                f"{'x'.join(map(str, hidden)):>19} b={batch:<5}"
+                + "".join(
+                    f" {k[:-6] if k.endswith('_train') else k[:8]:>9}"
+                    f" {r[k]['samples_per_second']:8.0f}/s {100 * r[k]['fraction_of_matmul']:3.0f}%"
+                    for k in ("ff_train", "bp_train", "goodness_inference", "softmax_inference")
+                )
+                + f"  FF/BP time {r['ff_bp_time_ratio']:.2f} flops {r['ff_bp_flop_ratio']:.2f}",
+                flush=True,
+            )
+    info = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "fflab": fflab.__version__,
+        "data": source,
+        "results": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
+    path = args.out / f"ff-{device.type}-{stamp}.json"
+    path.write_text(json.dumps(info, indent=2))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
