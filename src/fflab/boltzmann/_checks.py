@@ -61,4 +61,4 @@ def check_generator(generator: object) -> torch.Generator:
 def bernoulli(p: Tensor, generator: torch.Generator) -> Tensor:
     """Sample 0/1 values (same dtype as ``p``) with success probabilities ``p``."""
     u = torch.rand(p.shape, generator=generator, dtype=p.dtype, device=p.device)
-    return (u < p).to(p.dtype)
+    return u.lt_(p)  # in place: 1.0 where u < p, else 0.0 (no bool tensor, no copy)

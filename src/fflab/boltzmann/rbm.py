@@ -115,6 +115,7 @@ class CDResult(NamedTuple):
     reconstruction: (B, V) p(v | h0) with h0 ~ p(h | v_data), the first down-pass of CD
         (None for PCD, whose chains do not start at the data).
     data_free_energy: (B,) F(v_data), free from the positive pass.
+    h_data_probs: (B, H) p(h | v_data), the positive-phase hidden probabilities.
     """
 
     grads: dict[str, Tensor]
@@ -122,6 +123,7 @@ class CDResult(NamedTuple):
     h_negative: Tensor | None
     reconstruction: Tensor | None
     data_free_energy: Tensor
+    h_data_probs: Tensor
 
 
 def cd_gradient(
@@ -171,15 +173,17 @@ def cd_gradient(
     h_next = bernoulli(h_prob, generator) if h_chain is not None else None
 
     n_pos, n_neg = v_data.shape[0], v.shape[0]
-    # <v h'>_data - <v h'>_model as two GEMMs into one buffer.
-    grad_W = torch.mm(v_data.T, h_pos)  # (V, H)
-    grad_W = torch.addmm(grad_W, v.T, h_prob, beta=1.0 / n_pos, alpha=-1.0 / n_neg)
+    # <v h'>_data - <v h'>_model: scale the small (B, H) factors, not the (V, H) product,
+    # and accumulate the second GEMM in place (no copy of the output for a beta term).
+    h_pos_scaled = h_pos * (1.0 / n_pos)  # (B, H)
+    grad_W = torch.mm(v_data.T, h_pos_scaled)  # (V, H)
+    grad_W.addmm_(v.T, h_prob, alpha=-1.0 / n_neg)
     grads = {
         "W": grad_W,
         "b_v": v_data.mean(0) - v.mean(0),
-        "b_h": h_pos.mean(0) - h_prob.mean(0),
+        "b_h": h_pos_scaled.sum(0) - h_prob.mean(0),
     }
-    return CDResult(grads, v, h_next, reconstruction, data_fe)
+    return CDResult(grads, v, h_next, reconstruction, data_fe, h_pos)
 
 
 def logit_of_mean(data: Tensor, eps: float = 1e-2) -> Tensor:
