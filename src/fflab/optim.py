@@ -22,17 +22,18 @@ class SmoothedSGD(torch.optim.Optimizer):
     def step(self, closure=None):  # noqa: D102
         for group in self.param_groups:
             lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "inc" not in state:
-                    state["inc"] = torch.zeros_like(p)
-                inc = state["inc"]
-                inc.mul_(mom).add_(p.grad, alpha=1 - mom)
-                if wd:
-                    p.add_(p, alpha=-lr * wd)
-                p.add_(inc, alpha=-lr)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if "inc" not in self.state[p]:
+                    self.state[p]["inc"] = torch.zeros_like(p)
+            incs = [self.state[p]["inc"] for p in params]
+            torch._foreach_mul_(incs, mom)
+            torch._foreach_add_(incs, [p.grad for p in params], alpha=1 - mom)
+            if wd:
+                torch._foreach_mul_(params, 1 - lr * wd)  # p -= lr * wd * p
+            torch._foreach_add_(params, incs, alpha=-lr)
         return None
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fflab.ff.functional import dloss_dz, goodness, peer_norm_dz, positive_logit, rms_normalize
+from fflab.ff.functional import RMS_EPS, goodness_sign, peer_norm_dz
 from fflab.ff.model import FFNet
 from fflab.negatives import NEGATIVE_SOURCES, hard_wrong_labels, random_wrong_labels
 from fflab.optim import SmoothedSGD, lr_factor
@@ -86,16 +86,21 @@ class FFTrainer:
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor
 
-    def _pass(self, z0: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """Activities and normalized layer inputs from first-layer input z0 (N, H_0)."""
-        a = torch.relu(z0)
-        acts, inputs = [a], [z0]  # inputs[0] is unused: layer 0's input is the image
+    def _pass(self, z0: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Activities, sums of squares and normalized inputs from first-layer input z0 (N, H_0).
+
+        The sum of squares of a layer's activities is both its goodness and (divided by the
+        width) the mean square that normalizes it for the next layer, so it is computed once.
+        """
+        a = torch.relu_(z0)
+        acts, ssq, inputs = [a], [torch.linalg.vecdot(a, a)], [z0]  # inputs[0]: unused
         for layer in self.net.layers[1:]:
-            h = rms_normalize(a)
-            a = torch.relu(torch.addmm(layer.bias, h, layer.weight.T))
+            h = a * torch.rsqrt(ssq[-1] / a.shape[1] + RMS_EPS).unsqueeze(1)
+            a = torch.relu_(torch.addmm(layer.bias, h, layer.weight.T))
             acts.append(a)
+            ssq.append(torch.linalg.vecdot(a, a))
             inputs.append(h)
-        return acts, inputs
+        return acts, ssq, inputs
 
     @torch.no_grad()
     def step(
@@ -110,76 +115,75 @@ class FFTrainer:
         n_layers, b, k = net.num_layers, x.shape[0], c.num_classes
         active = range(n_layers) if active is None else active
 
-        a_img, sq = net.image_part(x)  # (B, H_0), (B,)
+        a_img, sq = net.image_part(x)  # (B, H_0), (B,): shared by every pass
         s_lab = net.label_scale(sq, neutral=False)  # (B,) one-hot label: same for pos and neg
-        s_neu = net.label_scale(sq, neutral=True)  # (B,)
-        z0 = torch.cat([net.first_layer(a_img, s_lab, y), net.first_layer(a_img, s_neu, None)])
-        acts_pn, inputs_pn = self._pass(z0)  # positive rows [:B], neutral rows [B:]
-
-        # softmax head on the neutral pass (its gradient stays in the head)
-        feats = net.head_features([a[b:] for a in acts_pn])  # (B, F)
-        logits = net.head(feats)  # (B, C)
-        probs = torch.softmax(logits, 1)
+        # neutral pass: trains the softmax head and proposes hard negative labels
+        acts_neu, _, _ = self._pass(net.first_layer(a_img, net.label_scale(sq, True), None))
+        feats = net.head_features(acts_neu)  # (B, F)
+        probs = torch.softmax(net.head(feats), 1)  # (B, C)
         dlogits = (probs - F.one_hot(y, k).to(probs.dtype)) / b  # (B, C)
         net.head.weight.grad = dlogits.T @ feats
         net.head.bias.grad = dlogits.sum(0)
-
         if cfg.negatives == "hard":
             y_neg = hard_wrong_labels(y, probs, generator).to(y.device)
         else:
             y_neg = random_wrong_labels(y, k, generator)
-        acts_neg, inputs_neg = self._pass(net.first_layer(a_img, s_lab, y_neg))
 
-        stats = torch.zeros(n_layers, 3, dtype=x.dtype, device=x.device)
+        # positive and negative samples stacked: rows [:B] positive, [B:] negative
+        labels = torch.cat([y, y_neg])  # (2B,)
+        w0 = net.layers[0].weight
+        z0 = (a_img.repeat(2, 1) + w0[:, :k].T[labels]) * s_lab.repeat(2).unsqueeze(1)
+        acts, ssq, inputs = self._pass(z0.add_(net.layers[0].bias))
+        target = torch.zeros(2 * b, dtype=x.dtype, device=x.device)
+        target[:b] = 1.0
+
+        sign = goodness_sign(c.goodness)
+        stats = []
         for i in range(n_layers):
-            a_pos, a_neg = acts_pn[i][:b], acts_neg[i]
-            theta = net.theta(i)
-            g_pos, g_neg = goodness(a_pos, c.goodness), goodness(a_neg, c.goodness)
-            stats[i, 0] = (
-                F.softplus(-positive_logit(g_pos, theta, c.goodness)).mean()
-                + F.softplus(positive_logit(g_neg, theta, c.goodness)).mean()
+            a, h = acts[i], net.config.hidden[i]
+            g = ssq[i] / h if c.goodness == "meansq" else ssq[i]  # (2B,)
+            logit = sign * (g - net.theta(i))
+            # logistic loss of "positive" with target 1 (positive rows) or 0 (negative rows)
+            loss = F.binary_cross_entropy_with_logits(logit, target, reduction="none")
+            stats.append(
+                torch.stack([loss[:b].mean() + loss[b:].mean(), g[:b].mean(), g[b:].mean()])
             )
-            stats[i, 1], stats[i, 2] = g_pos.mean(), g_neg.mean()
             if i not in active:
                 continue
-            dz_pos = dloss_dz(a_pos, g_pos, theta, c.goodness, True, b)  # (B, H_i)
-            dz_neg = dloss_dz(a_neg, g_neg, theta, c.goodness, False, b)
+            # dL/dz = (sigmoid(logit) - target) * sign * dg/da * 1[z > 0] / B
+            scale = 2.0 / h if c.goodness == "meansq" else 2.0
+            dz = a * ((torch.sigmoid(logit) - target) * (sign * scale / b)).unsqueeze(1)
             if c.peer_norm > 0:
                 rm = net.running_mean(i)
-                rm.mul_(c.peer_momentum).add_(a_pos.mean(0), alpha=1 - c.peer_momentum)
-                dz_pos += peer_norm_dz(rm, c.peer_norm, b)
+                rm.mul_(c.peer_momentum).add_(a[:b].mean(0), alpha=1 - c.peer_momentum)
+                dz[:b] += peer_norm_dz(rm, c.peer_norm, b)
             layer = net.layers[i]
             if i == 0:
-                self._first_layer_grad(x, y, y_neg, dz_pos, dz_neg, s_lab)
+                self._first_layer_grad(x, labels, dz, s_lab)
             else:
-                # one product over the stacked positive and negative samples
-                dz = torch.cat([dz_pos, dz_neg])  # (2B, H_i)
-                layer.weight.grad = dz.T @ torch.cat([inputs_pn[i][:b], inputs_neg[i]])
-            layer.bias.grad = dz_pos.sum(0) + dz_neg.sum(0)
+                layer.weight.grad = dz.T @ inputs[i]  # one product over all 2B samples
+            layer.bias.grad = dz.sum(0)
         for i in range(n_layers):
             if i not in active:
                 net.layers[i].weight.grad = net.layers[i].bias.grad = None
         self.optimizer.step()
-        return stats
+        return torch.stack(stats)
 
-    def _first_layer_grad(
-        self, x: Tensor, y: Tensor, y_neg: Tensor, dz_pos: Tensor, dz_neg: Tensor, scale: Tensor
-    ) -> None:
+    def _first_layer_grad(self, x: Tensor, labels: Tensor, dz: Tensor, scale: Tensor) -> None:
         """Weight gradient of layer 0, whose input is ``scale * [label; image]``.
 
-        Positive and negative samples share the image and the scale, so the image columns
-        need one product of the summed gradients; the label columns are a scatter-add.
+        ``dz`` (2B, H_0) stacks positive and negative rows, which share the image and the
+        scale, so the image columns need one product of their sum; the label columns are a
+        scatter-add over ``labels`` (2B,).
         """
-        net, k = self.net, self.net.config.num_classes
+        net, k, b = self.net, self.net.config.num_classes, x.shape[0]
         layer = net.layers[0]
         xr = x[:, k:] if net.config.label_mode == "overlay" else x  # (B, Dx)
-        dz_pos = dz_pos * scale.unsqueeze(1)
-        dz_neg = dz_neg * scale.unsqueeze(1)
+        dz = dz * scale.repeat(2).unsqueeze(1)
         grad = torch.empty_like(layer.weight)  # (H_0, C + Dx)
-        torch.mm((dz_pos + dz_neg).T, xr, out=grad[:, k:])
+        torch.mm((dz[:b] + dz[b:]).T, xr, out=grad[:, k:])
         gy = torch.zeros(k, grad.shape[0], dtype=grad.dtype, device=grad.device)
-        gy.index_add_(0, y, dz_pos).index_add_(0, y_neg, dz_neg)  # (C, H_0)
-        grad[:, :k] = gy.T
+        grad[:, :k] = gy.index_add_(0, labels, dz).T
         layer.weight.grad = grad
 
     def train_epoch(
