@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     _common(e)
 
     sub.add_parser("presets", help="list presets")
+
+    pl = sub.add_parser("plot", help="PNG of test error against wall time for runs")
+    pl.add_argument("run_dirs", type=Path, nargs="+")
+    pl.add_argument("--out", type=Path, default=Path("time_to_accuracy.png"))
+    pl.add_argument("--key", default="test_error_goodness")
     return p
 
 
@@ -125,13 +130,24 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from fflab.plots import time_to_accuracy
+
+    try:
+        print(time_to_accuracy(args.run_dirs, args.out, args.key))
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from fflab._runtime import tune_allocator
     from fflab.runs import RunError
 
     tune_allocator()
-    handler = {"train": cmd_train, "eval": cmd_eval, "presets": cmd_presets}[args.command]
+    commands = {"train": cmd_train, "eval": cmd_eval, "presets": cmd_presets, "plot": cmd_plot}
+    handler = commands[args.command]
     try:
         return handler(args)
     except ConfigError as e:
