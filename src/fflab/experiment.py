@@ -84,4 +84,16 @@ ALGORITHMS = {
         "fflab.backprop:BPTrainConfig",
         "fflab.backprop:build",
     ),
+    "rbm": Algorithm(
+        "rbm",
+        "fflab.boltzmann.experiment:RBMConfig",
+        "fflab.boltzmann.experiment:RBMTrainConfig",
+        "fflab.boltzmann.experiment:build_rbm",
+    ),
+    "bm": Algorithm(
+        "bm",
+        "fflab.boltzmann.experiment:BMConfig",
+        "fflab.boltzmann.experiment:BMTrainConfig",
+        "fflab.boltzmann.experiment:build_bm",
+    ),
 }

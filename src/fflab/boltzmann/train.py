@@ -8,6 +8,8 @@ The caller owns the velocity dict (checkpoint it with the model to resume exactl
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -72,6 +74,7 @@ def rbm_train_epoch(
     generator: torch.Generator,
     velocity: dict[str, Tensor] | None = None,
     shuffle: bool = True,
+    on_batch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
     """Train ``rbm`` in place for one pass over ``data`` (N, V) in minibatches.
 
@@ -86,6 +89,9 @@ def rbm_train_epoch(
     at the data, h = p(h | v) and the extra down-pass is paid on every 10th batch only,
     so the value is an estimate from those batches), ``free_energy`` (mean F(v) before
     each update), ``samples``.
+
+    on_batch(samples_done, values): called after every batch (for progress bars); every
+    10th batch ``values`` holds ``loss``, the running mean reconstruction error.
     """
     check_batch(data, rbm.n_visible, "data")
     check_unit_interval(data, "data")
@@ -99,12 +105,15 @@ def rbm_train_epoch(
     params = dict(rbm.named_parameters())
     W, b_v, b_h = rbm.W, rbm.b_v, rbm.b_h
     n = data.shape[0]
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if shuffle:  # drawn on the generator's device (a CUDA generator cannot fill a CPU tensor)
+        order = torch.randperm(n, generator=generator, device=generator.device)
+    else:
+        order = torch.arange(n)
     if persistent and rbm.persistent_h.shape[0] != batch_size:
         rbm.reset_persistent_chains(batch_size, generator=generator)
 
-    recon_sum = torch.zeros((), dtype=torch.float64)
-    fe_sum = torch.zeros((), dtype=torch.float64)
+    recon_sum = torch.zeros((), dtype=torch.float64, device=W.device)
+    fe_sum = torch.zeros((), dtype=torch.float64, device=W.device)
     recon_count = 0
     for batch_index, start in enumerate(range(0, n, batch_size)):
         idx = order[start : start + batch_size]
@@ -132,6 +141,12 @@ def rbm_train_epoch(
         sgd_momentum_step_(
             params, result.grads, velocity, lr=lr, momentum=momentum, weight_decay=weight_decay
         )
+        if on_batch is not None:
+            done = min(start + batch_size, n)
+            if batch_index % _PCD_MONITOR_EVERY == 0:
+                on_batch(done, {"loss": float(recon_sum) / max(recon_count, 1)})
+            else:
+                on_batch(done, {})
     return {
         "reconstruction_error": float(recon_sum) / recon_count,
         "free_energy": float(fe_sum) / n,
