@@ -72,6 +72,19 @@ def _print_results(summary: dict) -> None:
         print(f"{k:>24}: {v:.4f}" if isinstance(v, float) else f"{k:>24}: {v}")
 
 
+def _boltzmann_figures(run_dir: Path, algorithm: str | None) -> None:
+    """filters.png and samples.png for an rbm run (needs matplotlib; skipped without it)."""
+    if algorithm != "rbm":
+        return
+    try:
+        from fflab.plots import boltzmann_figures
+
+        for path in boltzmann_figures(run_dir):
+            print(f"{'figure':>24}: {path}")
+    except RuntimeError as e:  # matplotlib missing
+        print(f"fflab: no figures ({e})", file=sys.stderr)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from fflab import presets, runs
 
@@ -103,6 +116,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"{'wall_seconds':>24}: {summary['wall_seconds']:.1f}")
     print(f"{'train_samples_per_second':>24}: {summary['train_samples_per_second']:.0f}")
     print(f"{'summary':>24}: {out / 'summary.json'}")
+    _boltzmann_figures(out, summary.get("algorithm"))
     return 0
 
 
@@ -117,6 +131,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     atomic_write_text(out, json.dumps(result, indent=2))
     print(f"{'results':>24}: {out}")
+    config = json.loads((args.run_dir / "config.json").read_text())
+    _boltzmann_figures(args.run_dir, config.get("algorithm"))
     return 0
 
 

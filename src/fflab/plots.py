@@ -80,3 +80,41 @@ def image_grid(
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def boltzmann_figures(
+    run_dir: Path, *, n_chains: int = 100, n_steps: int = 1000, seed: int = 0
+) -> list[Path]:
+    """``filters.png`` and ``samples.png`` of an ``rbm`` run directory; returns their paths.
+
+    filters: the first 100 columns of W (the hidden units' receptive fields), each on its
+    own symmetric colour scale. samples: p(v | h) at the end of ``n_chains`` independent
+    block Gibbs chains of ``n_steps`` steps, started from the visible biases (seeded).
+    """
+    import math
+
+    import torch
+
+    from fflab.boltzmann.experiment import load_rbm, rbm_gibbs_samples
+
+    run_dir = Path(run_dir)
+    rbm = load_rbm(run_dir)
+    side = math.isqrt(rbm.n_visible)
+    shape = (side, side) if side * side == rbm.n_visible else (1, rbm.n_visible)
+    n_filters = min(100, rbm.n_hidden)
+    filters = image_grid(
+        rbm.W.detach()[:, :n_filters].T,
+        run_dir / "filters.png",
+        shape,
+        title=f"first {n_filters} of {rbm.n_hidden} filters (columns of W)",
+        symmetric=True,
+    )
+    g = torch.Generator().manual_seed(seed)
+    samples = rbm_gibbs_samples(rbm, n_chains, n_steps, generator=g)
+    grid = image_grid(
+        samples,
+        run_dir / "samples.png",
+        shape,
+        title=f"p(v | h) after {n_steps} Gibbs steps ({n_chains} chains)",
+    )
+    return [filters, grid]
