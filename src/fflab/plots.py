@@ -62,14 +62,14 @@ def image_grid(
     plt = _pyplot()
     n = images.shape[0]
     rows = (n + cols - 1) // cols
-    imgs = images.detach().float().cpu().reshape(n, *shape)
+    imgs = images.detach().float().cpu().reshape(n, *shape).numpy()  # imshow wants numpy
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.9, rows * 0.9 + (0.4 if title else 0)))
     for i, a in enumerate(axes.flat if rows * cols > 1 else [axes]):
         a.axis("off")
         if i < n:
             im = imgs[i]
             if symmetric:
-                v = float(im.abs().max()) or 1.0
+                v = float(abs(im).max()) or 1.0
                 a.imshow(im, cmap="RdBu_r", vmin=-v, vmax=v)
             else:
                 a.imshow(im, cmap="gray", vmin=0, vmax=1)
