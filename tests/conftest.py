@@ -2,7 +2,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,8 +28,3 @@ def mnist(mnist_dir):
     from fflab.data import load_mnist
 
     return load_mnist(mnist_dir, allow_download=False)
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(2)
