@@ -131,9 +131,10 @@ class FFTrainer:
 
         # positive and negative samples stacked: rows [:B] positive, [B:] negative
         labels = torch.cat([y, y_neg])  # (2B,)
-        w0 = net.layers[0].weight
-        z0 = (a_img.repeat(2, 1) + w0[:, :k].T[labels]) * s_lab.repeat(2).unsqueeze(1)
-        acts, ssq, inputs = self._pass(z0.add_(net.layers[0].bias))
+        w0, s2 = net.layers[0].weight, s_lab.repeat(2).unsqueeze(1)  # (2B, 1)
+        z_img = torch.addcmul(net.layers[0].bias, a_img, s2[:b])  # (B, H_0)
+        z0 = torch.addcmul(z_img.repeat(2, 1), w0[:, :k].T[labels], s2)  # (2B, H_0)
+        acts, ssq, inputs = self._pass(z0)
         target = torch.zeros(2 * b, dtype=x.dtype, device=x.device)
         target[:b] = 1.0
 
