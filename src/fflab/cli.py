@@ -102,7 +102,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = presets.resolve(args.preset, overrides, seed=args.seed)
         out = args.out or Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     log = _log(args.quiet)
-    log(f"run directory: {out}")
     summary = runs.train(
         config,
         out,

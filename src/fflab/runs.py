@@ -128,6 +128,7 @@ def train(
 
     exp = build_experiment(config, data_dir, device)
     out_dir.mkdir(parents=True, exist_ok=True)
+    log(f"run directory: {out_dir}")
     start_epoch, train_seconds, wall_seconds = 0, 0.0, 0.0
     metrics = []
     if resume and ckpt_path.exists():
