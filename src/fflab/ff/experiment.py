@@ -55,7 +55,11 @@ class FFExperiment:
         self.net.train()
 
         def report(n: int, stats: Tensor) -> None:
-            on_batch(n, {"loss": float(stats[:, 0].sum())})
+            rows = stats.tolist()  # one transfer: [loss, goodness+, goodness-] per layer
+            shown = {"loss": sum(r[0] for r in rows)}
+            for i, (_, g_pos, g_neg) in enumerate(rows):
+                shown[f"g+{i}"], shown[f"g-{i}"] = g_pos, g_neg
+            on_batch(n, shown)
 
         tr = self.data.train
         stats = self.trainer.train_epoch(
