@@ -100,8 +100,8 @@ class RBMTrainConfig:
     Evaluation: AIS with ``ais_chains`` chains and ``ais_betas`` intermediate
     distributions (14500: S&M's schedule), from the base-rate model of the training data,
     seeded with ``ais_seed``. When the smaller layer has at most ``exact_max_units`` units
-    (0: never) log Z is also enumerated exactly (2**25 hidden states take about a minute
-    on a 2-core CPU).
+    (0: never) log Z is also enumerated exactly (2**25 hidden states take about 4 minutes
+    on one CPU core, a few seconds on a GPU).
     """
 
     epochs: int = 50
@@ -168,9 +168,12 @@ def enumerate_rbm_log_z(
     With s the enumerated layer (n units), o the other, M (n, n_o) the weights between
     them: log Z = logsumexp_s [b_s.s + sum_o softplus(b_o + (sM)_o)]. The states are
     split into two halves s = [a; c], so (sM) = aM_a + cM_c is one addition of two
-    precomputed tables instead of a matmul per state. The softplus terms are computed in
-    ``dtype`` (default: float64 up to 2**28 state-unit pairs, else float32, whose error
-    in the final number is below 1e-3 nats) and summed in float64.
+    precomputed tables instead of a matmul per state. The softplus terms are computed and
+    summed over the other layer in ``dtype`` (default: float64 up to 2**28 state-unit
+    pairs, else float32, whose error in the final number is about 1e-4 nats for MNIST
+    RBMs); the logsumexp over states is float64. Cost: 2**n * n_o softplus evaluations;
+    for 25 hidden units and 784 pixels about 4 minutes on one CPU core (measured: 7.4 s
+    for 2**20 states), a few seconds on a GPU.
     """
     if W.shape[1] <= W.shape[0]:
         M, b_s, b_o = W.T, b_h, b_v  # enumerate the hiddens
@@ -191,13 +194,18 @@ def enumerate_rbm_log_z(
     table_c = s_c @ M[n_a:]  # (2^c, n_o)
     lin_a = s_a.double() @ b_s[:n_a]  # (2^a,)
     lin_c = s_c.double() @ b_s[n_a:]  # (2^c,)
-    rows = max(1, (1 << 23) // (table_a.numel()))  # about 32 MiB of float32 per block
+    if dev.type == "cpu":  # blocks of about 1 MiB stay in cache: 1.4x faster than big ones
+        block_a, block_c = max(1, (1 << 18) // n_o), 1
+    else:  # few, large kernels
+        block_a, block_c = table_a.shape[0], max(1, (1 << 23) // table_a.numel())
     parts = []
-    for j in range(0, table_c.shape[0], rows):
-        x = table_a[None] + table_c[j : j + rows, None]  # (r, 2^a, n_o)
-        log_w = F.softplus(x).sum(-1, dtype=torch.float64)  # (r, 2^a)
-        log_w += lin_a[None] + lin_c[j : j + rows, None]
-        parts.append(torch.logsumexp(log_w.flatten(), 0))
+    for j in range(0, table_c.shape[0], block_c):
+        c = table_c[j : j + block_c, None]  # (r, 1, n_o)
+        for i in range(0, table_a.shape[0], block_a):
+            x = table_a[None, i : i + block_a] + c  # (r, m, n_o)
+            log_w = F.softplus(x).sum(-1).double()  # (r, m); summed in dtype (fast)
+            log_w += lin_a[None, i : i + block_a] + lin_c[j : j + block_c, None]
+            parts.append(torch.logsumexp(log_w.flatten(), 0))
     return float(torch.logsumexp(torch.stack(parts), 0))
 
 
