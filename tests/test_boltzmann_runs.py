@@ -72,7 +72,7 @@ def test_rbm_smoke_cli_train_and_eval(tmp_path, mnist_dir, capsys):
         assert e[key] == pytest.approx(s[key], abs=1e-9), key
     assert e["epochs_done"] == 2
     printed = capsys.readouterr().out
-    assert "test_logprob" in printed and "samples.png" in printed
+    assert "test_logprob" in printed and "train_logprob" in printed and "samples.png" in printed
 
 
 def test_rbm_run_rejects_grey_images(tmp_path, mnist_dir):

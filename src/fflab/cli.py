@@ -66,7 +66,8 @@ def _log(quiet: bool):
 
 
 def _print_results(summary: dict) -> None:
-    keys = [k for k in summary if k.startswith(("test_", "train_error", "val_", "log_z"))]
+    shown = ("test_", "train_error", "train_logprob", "val_", "log_z", "uniform_logprob")
+    keys = [k for k in summary if k.startswith(shown)]
     for k in keys:
         v = summary[k]
         print(f"{k:>24}: {v:.4f}" if isinstance(v, float) else f"{k:>24}: {v}")
