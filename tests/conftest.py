@@ -28,3 +28,14 @@ def mnist(mnist_dir):
     from fflab.data import load_mnist
 
     return load_mnist(mnist_dir, allow_download=False)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: one thread avoids OpenMP barrier stalls on a shared 2-core box."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from boltzmann_models import random_rbm
 
 from fflab.boltzmann import (
-    RBM,
     ais_log_weights,
     ais_log_z,
     average_log_prob,
@@ -16,24 +16,7 @@ from fflab.boltzmann import (
     make_base_rate_visible_bias,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread avoids OpenMP barrier stalls on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def random_rbm(n_visible, n_hidden, seed, std, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    rbm = RBM(n_visible, n_hidden).to(dtype)
-    with torch.no_grad():
-        rbm.W.normal_(0.0, std, generator=g)
-        rbm.b_v.normal_(0.0, 1.0, generator=g)
-        rbm.b_h.normal_(0.0, 1.0, generator=g)
-    return rbm
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _exact(rbm):
@@ -51,7 +34,7 @@ def _exact(rbm):
     ],
 )
 def test_ais_within_its_error_bar_of_exact_log_z(shape, std, seed, dtype):
-    rbm = random_rbm(*shape, seed=seed, std=std, dtype=dtype)
+    rbm = random_rbm(*shape, seed=seed, std=std, bias_std=1.0, dtype=dtype)
     g = torch.Generator().manual_seed(100 + seed)
     est = ais_log_z(rbm, n_chains=200, n_betas=3000, generator=g)
     exact = _exact(rbm)
@@ -62,7 +45,7 @@ def test_ais_within_its_error_bar_of_exact_log_z(shape, std, seed, dtype):
 
 
 def test_ais_with_data_base_rate_and_average_log_prob():
-    rbm = random_rbm(10, 8, seed=4, std=0.8)
+    rbm = random_rbm(10, 8, seed=4, std=0.8, bias_std=1.0)
     g = torch.Generator().manual_seed(5)
     data = (torch.rand(500, 10, generator=g, dtype=torch.float64) < 0.3).double()
     base = make_base_rate_visible_bias(data)
@@ -79,7 +62,7 @@ def test_ais_with_data_base_rate_and_average_log_prob():
 def test_ais_is_exact_when_the_base_is_the_model():
     """W = 0 and base bias = b_v: every intermediate distribution equals the base, so
     every log-weight is exactly 0 and log Z = H log 2 + sum softplus(b_v)."""
-    rbm = random_rbm(9, 6, seed=6, std=0.0)
+    rbm = random_rbm(9, 6, seed=6, std=0.0, bias_std=1.0)
     g = torch.Generator().manual_seed(7)
     est = ais_log_z(rbm, n_chains=20, n_betas=100, generator=g, base_visible_bias=rbm.b_v.detach())
     assert abs(est.log_z - _exact(rbm)) < 1e-10
@@ -90,7 +73,7 @@ def test_ais_is_exact_when_the_base_is_the_model():
 def test_mean_weight_is_unbiased_for_z_ratio(n_steps):
     """E[w] = Z / Z_0 for any schedule (one step is plain importance sampling from the
     base); a wrong transition or increment biases it. Checked on many chains."""
-    rbm = random_rbm(6, 4, seed=8, std=1.0)
+    rbm = random_rbm(6, 4, seed=8, std=1.0, bias_std=1.0)
     g = torch.Generator().manual_seed(9)
     base = torch.zeros(6, dtype=torch.float64)
     n = 40000
@@ -119,7 +102,7 @@ def test_default_schedule_is_salakhutdinov_murray():
 
 
 def test_bad_input_raises():
-    rbm = random_rbm(4, 3, seed=0, std=0.1)
+    rbm = random_rbm(4, 3, seed=0, std=0.1, bias_std=1.0)
     g = torch.Generator().manual_seed(0)
     with pytest.raises(ValueError, match="increase strictly from 0 to 1"):
         ais_log_z(rbm, generator=g, betas=torch.tensor([0.0, 0.7, 0.5, 1.0]))

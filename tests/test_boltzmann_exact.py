@@ -1,9 +1,8 @@
 """Exact enumeration against an independent brute force, and against autograd."""
 
-import itertools
-
 import pytest
 import torch
+from boltzmann_models import all_states, random_bm, random_rbm
 
 from fflab.boltzmann import (
     RBM,
@@ -13,37 +12,7 @@ from fflab.boltzmann import (
     exact_log_z,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread avoids OpenMP barrier stalls on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def all_states(n):
-    return torch.tensor(list(itertools.product([0.0, 1.0], repeat=n)), dtype=torch.float64)
-
-
-def random_rbm(n_visible, n_hidden, seed, std=1.0):
-    g = torch.Generator().manual_seed(seed)
-    rbm = RBM(n_visible, n_hidden).double()
-    with torch.no_grad():
-        rbm.W.normal_(0.0, std, generator=g)
-        rbm.b_v.normal_(0.0, 0.5, generator=g)
-        rbm.b_h.normal_(0.0, 0.5, generator=g)
-    return rbm
-
-
-def random_bm(n_visible, n_hidden, seed, std=1.0):
-    g = torch.Generator().manual_seed(seed)
-    bm = BoltzmannMachine(n_visible, n_hidden, init_std=std, generator=g).double()
-    with torch.no_grad():
-        bm.b_v.normal_(0.0, 0.5, generator=g)
-        bm.b_h.normal_(0.0, 0.5, generator=g)
-    return bm
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def brute_neg_energy(v, h, W, L, J, b_v, b_h):

@@ -2,11 +2,11 @@
 against the exact gradient, training against the exact likelihood, API contracts."""
 
 import io
-import itertools
 import math
 
 import pytest
 import torch
+from boltzmann_models import all_states, random_rbm
 
 from fflab.boltzmann import (
     RBM,
@@ -23,28 +23,7 @@ from fflab.boltzmann import (
     visible_probs,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread avoids OpenMP barrier stalls on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def all_states(n):
-    return torch.tensor(list(itertools.product([0.0, 1.0], repeat=n)), dtype=torch.float64)
-
-
-def random_rbm(n_visible, n_hidden, seed, std=1.0):
-    g = torch.Generator().manual_seed(seed)
-    rbm = RBM(n_visible, n_hidden).double()
-    with torch.no_grad():
-        rbm.W.normal_(0.0, std, generator=g)
-        rbm.b_v.normal_(0.0, 0.5, generator=g)
-        rbm.b_h.normal_(0.0, 0.5, generator=g)
-    return rbm
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def joint_log_weights(rbm, v):
