@@ -66,6 +66,31 @@ def _positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
+class _MomentumState:
+    """Checkpoint hooks shared by the Boltzmann adapters: the model and its momentum velocity.
+
+    A subclass names its model in ``model`` and keeps its velocities in ``self.velocity``.
+    """
+
+    velocity: dict[str, Tensor]
+
+    @property
+    def model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def state_tensors(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        tensors.update({f"velocity.{k}": v for k, v in self.velocity.items()})
+        return tensors, {}
+
+    def load_state_tensors(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.velocity = {k[9:]: v.clone() for k, v in tensors.items() if k.startswith("velocity.")}
+
+    def parameters_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+
+
 # --------------------------------------------------------------------------------------
 # RBM
 # --------------------------------------------------------------------------------------
@@ -209,7 +234,11 @@ def enumerate_rbm_log_z(
     return float(torch.logsumexp(torch.stack(parts), 0))
 
 
-class RBMExperiment:
+class RBMExperiment(_MomentumState):
+    @property
+    def model(self) -> RBM:
+        return self.rbm
+
     def __init__(self, config: RunConfig, data: Datasets, device: torch.device, generator):
         m: RBMConfig = config.model
         t: RBMTrainConfig = config.train
@@ -296,18 +325,6 @@ class RBMExperiment:
             for name, v in neg_f.items():
                 out[f"{name}_logprob_exact"] = v - log_z
         return out
-
-    def state_tensors(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        tensors = {f"model.{k}": v for k, v in self.rbm.state_dict().items()}
-        tensors.update({f"velocity.{k}": v for k, v in self.velocity.items()})
-        return tensors, {}
-
-    def load_state_tensors(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-        self.rbm.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        self.velocity = {k[9:]: v.clone() for k, v in tensors.items() if k.startswith("velocity.")}
-
-    def parameters_finite(self) -> bool:
-        return all(bool(torch.isfinite(p).all()) for p in self.rbm.parameters())
 
 
 def build_rbm(config: RunConfig, data: Datasets, device: torch.device, generator) -> RBMExperiment:
@@ -428,7 +445,11 @@ class BMTrainConfig:
             raise ValueError("weight_decay must be >= 0")
 
 
-class BMExperiment:
+class BMExperiment(_MomentumState):
+    @property
+    def model(self) -> BoltzmannMachine:
+        return self.bm
+
     def __init__(self, config: RunConfig, data: Datasets, device: torch.device, generator):
         m: BMConfig = config.model
         self.config, self.device = config, device
@@ -507,18 +528,6 @@ class BMExperiment:
         if self.val_x is not None:
             out["val_logprob_exact"] = self._logprob(self.val_x)
         return out
-
-    def state_tensors(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        tensors = {f"model.{k}": v for k, v in self.bm.state_dict().items()}
-        tensors.update({f"velocity.{k}": v for k, v in self.velocity.items()})
-        return tensors, {}
-
-    def load_state_tensors(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-        self.bm.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        self.velocity = {k[9:]: v.clone() for k, v in tensors.items() if k.startswith("velocity.")}
-
-    def parameters_finite(self) -> bool:
-        return all(bool(torch.isfinite(p).all()) for p in self.bm.parameters())
 
 
 def build_bm(config: RunConfig, data: Datasets, device: torch.device, generator) -> BMExperiment:
