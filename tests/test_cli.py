@@ -150,3 +150,37 @@ def test_diverging_run_exits_1_and_keeps_checkpoint(tmp_path, mnist_dir):
     assert not (out / "checkpoint.safetensors").exists()  # no epoch completed: nothing to keep
     assert not (out / "summary.json").exists()
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def _fake_run(d, preset, rows):
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"preset": preset}))
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def test_plot_time_to_accuracy_table_and_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    # 30 s epochs; the evaluation time in wall_seconds must not count
+    rows = [
+        {"epoch": i + 1, "seconds": 30.0, "wall_seconds": 100.0 * (i + 1), "test_error_goodness": e}
+        for i, e in enumerate([3.0, 1.9, 1.45, 1.5, 1.38])
+    ]
+    a = _fake_run(tmp_path / "a", "mnist-ff-quick", rows)
+    b = _fake_run(tmp_path / "b", "mnist-ff", rows[:2])
+    png = tmp_path / "t.png"
+    code, out, err = fflab("plot", a, b, "--out", png)
+    assert code == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    line_a = next(x for x in out.splitlines() if x.startswith(str(a)))
+    # <= 2.0% after epoch 2 (1.0 min), <= 1.5% after epoch 3 (1.5 min), <= 1.4% at epoch 5
+    assert line_a.split()[1:] == ["5", "1.38%", "1.0", "min", "1.5", "min", "2.5", "min"]
+    line_b = next(x for x in out.splitlines() if x.startswith(str(b)))
+    assert line_b.split()[1:] == ["2", "1.90%", "1.0", "min", "never", "never"]
+
+
+def test_plot_without_logged_test_error_is_a_usage_error(tmp_path):
+    a = _fake_run(tmp_path / "a", "smoke", [{"epoch": 1, "seconds": 3.0, "loss": 1.0}])
+    code, _, err = fflab("plot", a, "--out", tmp_path / "t.png")
+    assert code == 2 and "log_test_error=true" in one_line_error(err)
+    assert not (tmp_path / "t.png").exists()

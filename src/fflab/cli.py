@@ -147,12 +147,25 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from fflab.plots import time_to_accuracy
+    from fflab.plots import accuracy_curve, minutes_to_reach, time_to_accuracy
 
     try:
-        print(time_to_accuracy(args.run_dirs, args.out, args.key))
+        png = time_to_accuracy(args.run_dirs, args.out, args.key)
+        curves = [(d, *accuracy_curve(d, args.key)) for d in args.run_dirs]
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from None
+    bars = (2.0, 1.5, 1.4)
+    head = "".join(f"  <= {b:.1f}% after" for b in bars)
+    print(f"{'run':<40} {'epochs':>6} {args.key + ' (last)':>26}{head}")
+    for d, minutes, errors in curves:
+        cells = "".join(
+            f"{'never':>15}"
+            if (t := minutes_to_reach(minutes, errors, b)) is None
+            else f"{t:>11.1f} min"
+            for b in bars
+        )
+        print(f"{str(d):<40} {len(errors):>6} {errors[-1]:>25.2f}%{cells}")
+    print(f"figure: {png}")
     return 0
 
 

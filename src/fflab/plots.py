@@ -26,20 +26,41 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
+def accuracy_curve(run_dir: Path, key: str = "test_error_goodness") -> tuple[list, list]:
+    """(training minutes, ``key`` in percent) after each epoch that logged ``key``.
+
+    Time is the cumulative training time of the epochs (their ``seconds``), which leaves out
+    the per-epoch evaluation that only exists to draw the curve.
+    """
+    rows = read_metrics(run_dir)
+    if not any(key in r for r in rows):
+        raise ValueError(
+            f"{run_dir}: no per-epoch {key} (train with --set train.log_test_error=true)"
+        )
+    minutes, errors, total = [], [], 0.0
+    for r in rows:
+        total += r["seconds"]
+        if key in r:
+            minutes.append(total / 60)
+            errors.append(r[key])
+    return minutes, errors
+
+
+def minutes_to_reach(minutes: list, errors: list, bar: float) -> float | None:
+    """The first time at which the error is at most ``bar`` (None if it never is)."""
+    return next((t for t, e in zip(minutes, errors, strict=True) if e <= bar), None)
+
+
 def time_to_accuracy(run_dirs: list[Path], out: Path, key: str = "test_error_goodness") -> Path:
-    """Plot ``key`` (percent) against cumulative wall time for each run; write a PNG."""
+    """Plot ``key`` (percent) against cumulative training time for each run; write a PNG."""
+    curves = [(d, *accuracy_curve(d, key)) for d in run_dirs]  # fail before drawing
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for d in run_dirs:
-        m = [r for r in read_metrics(d) if key in r]
-        if not m:
-            raise ValueError(
-                f"{d}: no per-epoch {key} (train with --set train.log_test_error=true)"
-            )
+    for d, minutes, errors in curves:
         label = json.loads((Path(d) / "config.json").read_text())["preset"]
-        ax.plot([r["wall_seconds"] / 60 for r in m], [r[key] for r in m], marker=".", label=label)
+        ax.plot(minutes, errors, marker=".", label=label)
     ax.set_yscale("log")
-    ax.set_xlabel("wall time (minutes)")
+    ax.set_xlabel("training wall time (minutes)")
     ax.set_ylabel(f"{key.replace('_', ' ')} (%)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
