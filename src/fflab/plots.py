@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from torch import Tensor
@@ -17,6 +18,19 @@ def _pyplot():
     except ImportError:
         raise RuntimeError("plotting needs matplotlib: pip install 'fflab[plot]'") from None
     return plt
+
+
+def _save_png(plt, fig, out: Path, dpi: int) -> Path:
+    """Write ``fig`` to ``out`` through a temporary file and a rename (never half a PNG)."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=dpi, format="png")
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return out
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -65,10 +79,7 @@ def time_to_accuracy(run_dirs: list[Path], out: Path, key: str = "test_error_goo
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save_png(plt, fig, out, dpi=120)
 
 
 def image_grid(
@@ -97,10 +108,7 @@ def image_grid(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save_png(plt, fig, out, dpi=100)
 
 
 def boltzmann_figures(
