@@ -156,6 +156,34 @@ def test_cd_gradient_shapes_dtypes_and_no_mutation():
         assert not any(t.requires_grad for t in res.grads.values())
 
 
+@pytest.mark.parametrize("persistent", [False, True])
+def test_cd_gradient_is_positive_minus_negative_statistics_of_its_own_states(persistent):
+    # The fused GEMMs ([v_data; v]' [h_pos / B; -h_neg / C]) against the textbook formula
+    # recomputed in float64 from the states the estimate reports; B != C for PCD.
+    rbm = random_rbm(9, 6, 3, dtype=torch.float32)
+    W, b_v, b_h = (t.detach() for t in (rbm.W, rbm.b_v, rbm.b_h))
+    g = torch.Generator().manual_seed(4)
+    v_data = (torch.rand(7, 9, generator=g) < 0.4).float()
+    h_chain = (torch.rand(5, 6, generator=g) < 0.5).float() if persistent else None
+    res = cd_gradient(v_data, W, b_v, b_h, k=2, generator=g, h_chain=h_chain)
+    d, v, Wd = v_data.double(), res.v_negative.double(), W.double()
+    h_pos = torch.sigmoid(d @ Wd + b_h.double())
+    h_neg = torch.sigmoid(v @ Wd + b_h.double())
+    want = {
+        "W": d.T @ h_pos / len(d) - v.T @ h_neg / len(v),
+        "b_v": d.mean(0) - v.mean(0),
+        "b_h": h_pos.mean(0) - h_neg.mean(0),
+    }
+    for name, value in want.items():
+        torch.testing.assert_close(res.grads[name].double(), value, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(res.h_data_probs.double(), h_pos, rtol=1e-5, atol=1e-6)
+    assert res.v_negative.shape == ((5, 9) if persistent else (7, 9))
+    fe = cd_gradient(v_data, W, b_v, b_h, generator=g, h_chain=h_chain).data_free_energy
+    torch.testing.assert_close(fe, free_energy(v_data, W, b_v, b_h))
+    no_fe = cd_gradient(v_data, W, b_v, b_h, generator=g, h_chain=h_chain, with_free_energy=False)
+    assert no_fe.data_free_energy is None
+
+
 def test_state_dict_round_trip_keeps_persistent_chains():
     g = torch.Generator().manual_seed(0)
     rbm = RBM(8, 5, generator=g)

@@ -114,7 +114,7 @@ class CDResult(NamedTuple):
         persistent chain continues (None for plain CD, which does not need it).
     reconstruction: (B, V) p(v | h0) with h0 ~ p(h | v_data), the first down-pass of CD
         (None for PCD, whose chains do not start at the data).
-    data_free_energy: (B,) F(v_data), free from the positive pass.
+    data_free_energy: (B,) F(v_data) from the positive pass (None when not asked for).
     h_data_probs: (B, H) p(h | v_data), the positive-phase hidden probabilities.
     """
 
@@ -122,7 +122,7 @@ class CDResult(NamedTuple):
     v_negative: Tensor
     h_negative: Tensor | None
     reconstruction: Tensor | None
-    data_free_energy: Tensor
+    data_free_energy: Tensor | None
     h_data_probs: Tensor
 
 
@@ -135,6 +135,7 @@ def cd_gradient(
     k: int = 1,
     generator: torch.Generator,
     h_chain: Tensor | None = None,
+    with_free_energy: bool = True,
 ) -> CDResult:
     """Contrastive-divergence (CD-k) or persistent-CD estimate of the likelihood gradient.
 
@@ -144,6 +145,8 @@ def cd_gradient(
     states ``h_chain`` (PCD); statistics use the final visible sample and p(h | v).
 
     v_data: (B, V) values in [0, 1];  h_chain: (C, H) binary, or None for CD-k.
+    with_free_energy=False skips F(v_data) (``data_free_energy`` is then None), which a training
+    loop needs only on the batches it monitors.
     Returns a :class:`CDResult`; grads are means over their batches (positive over B,
     negative over C), so B and C may differ.
     """
@@ -154,34 +157,50 @@ def cd_gradient(
     check_generator(generator)
     if h_chain is not None:
         check_batch(h_chain, n_hidden, "h_chain")
-
-    x_pos = _affine(v_data, W, b_h)  # (B, H)
-    h_pos = torch.sigmoid(x_pos)  # (B, H)
-    data_fe = -(v_data @ b_v) - F.softplus(x_pos).sum(-1)  # (B,)
-
-    h = bernoulli(h_pos, generator) if h_chain is None else h_chain  # (C, H)
-    reconstruction = None
+    n_pos = v_data.shape[0]
     WT = W.T
+
+    if h_chain is None:  # CD-k: the chain starts from a hidden sample of the data
+        x_pos = _affine(v_data, W, b_h)  # (B, H)
+        h_pos = torch.sigmoid(x_pos)  # (B, H)
+        h = bernoulli(h_pos, generator)  # (B, H)
+    else:
+        h = h_chain  # (C, H)
+    reconstruction = None
     for step in range(k):
         v_prob = torch.sigmoid(_affine(h, WT, b_v))  # (C, V)
         v = bernoulli(v_prob, generator)  # (C, V)
         if step == 0 and h_chain is None:
             reconstruction = v_prob
-        h_prob = torch.sigmoid(_affine(v, W, b_h))  # (C, H)
         if step < k - 1:
-            h = bernoulli(h_prob, generator)
-    h_next = bernoulli(h_prob, generator) if h_chain is not None else None
+            h = bernoulli(torch.sigmoid(_affine(v, W, b_h)), generator)
+    n_neg = v.shape[0]
 
-    n_pos, n_neg = v_data.shape[0], v.shape[0]
-    # <v h'>_data - <v h'>_model: scale the small (B, H) factors, not the (V, H) product,
-    # and accumulate the second GEMM in place (no copy of the output for a beta term).
-    h_pos_scaled = h_pos * (1.0 / n_pos)  # (B, H)
-    grad_W = torch.mm(v_data.T, h_pos_scaled)  # (V, H)
-    grad_W.addmm_(v.T, h_prob, alpha=-1.0 / n_neg)
+    # One (B + C, V) block holds both phases' visible states, so that the last up-pass
+    # (and for PCD the data's up-pass with it) and both weight statistics are single GEMMs:
+    # <v h'>_data - <v h'>_model = [v_data; v]' [h_pos / B; -h_neg / C].
+    both = torch.cat((v_data, v))  # (B + C, V)
+    scale = both.new_empty(n_pos + n_neg, 1)  # (B + C, 1): 1/B for data rows, -1/C for model
+    scale[:n_pos] = 1.0 / n_pos
+    scale[n_pos:] = -1.0 / n_neg
+    if h_chain is None:
+        h_prob = torch.sigmoid(_affine(v, W, b_h))  # (C, H)
+        coef = torch.cat((h_pos, h_prob)).mul_(scale)  # (B + C, H)
+    else:
+        x_both = _affine(both, W, b_h)  # (B + C, H)
+        x_pos = x_both[:n_pos]
+        h_both = torch.sigmoid(x_both)
+        h_pos, h_prob = h_both[:n_pos], h_both[n_pos:]
+        coef = h_both * scale  # (B + C, H)
+    h_next = bernoulli(h_prob, generator) if h_chain is not None else None
+    data_fe = None
+    if with_free_energy:
+        data_fe = -(v_data @ b_v) - F.softplus(x_pos).sum(-1)  # (B,)
+
     grads = {
-        "W": grad_W,
-        "b_v": v_data.mean(0) - v.mean(0),
-        "b_h": h_pos_scaled.sum(0) - h_prob.mean(0),
+        "W": torch.mm(both.T, coef),  # (V, H)
+        "b_v": torch.mv(both.T, scale.view(-1)),  # (V,)
+        "b_h": coef.sum(0),  # (H,)
     }
     return CDResult(grads, v, h_next, reconstruction, data_fe, h_pos)
 

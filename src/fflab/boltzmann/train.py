@@ -18,8 +18,9 @@ from .rbm import RBM, cd_gradient, visible_probs
 
 __all__ = ["rbm_train_epoch", "sgd_momentum_step_", "momentum_schedule"]
 
-# PCD's reconstruction error needs a down-pass the update does not: pay it 1 batch in 10.
-_PCD_MONITOR_EVERY = 10
+# The monitored values (reconstruction error, free energy of the data) cost passes the update
+# does not need (PCD's reconstruction a whole down-pass): they are taken on 1 batch in 10.
+MONITOR_EVERY = 10
 
 
 def momentum_schedule(
@@ -41,14 +42,17 @@ def sgd_momentum_step_(
     decayed: tuple[str, ...] = ("W",),
 ) -> None:
     """In-place ascent step: v = m v + lr (g - wd p) (wd only on ``decayed``); p += v."""
-    for name, p in params.items():
-        vel = velocity.get(name)
-        if vel is None:
-            vel = velocity[name] = torch.zeros_like(p)
-        vel.mul_(momentum).add_(grads[name], alpha=lr)
-        if weight_decay and name in decayed:
-            vel.add_(p, alpha=-lr * weight_decay)
-        p.add_(vel)
+    names = list(params)
+    for name in names:
+        if name not in velocity:
+            velocity[name] = torch.zeros_like(params[name])
+    vels = [velocity[n] for n in names]
+    torch._foreach_mul_(vels, momentum)
+    torch._foreach_add_(vels, [grads[n] for n in names], alpha=lr)
+    if weight_decay:
+        for name in (n for n in decayed if n in params):
+            velocity[name].add_(params[name], alpha=-lr * weight_decay)
+    torch._foreach_add_([params[n] for n in names], vels)
 
 
 def _check_float(value: float, name: str, lo: float, hi: float | None = None) -> float:
@@ -84,11 +88,10 @@ def rbm_train_epoch(
     A last partial batch is used as is. ``data`` is cast to the RBM's dtype per batch
     and is never modified.
 
-    Returns means over the epoch's samples: ``reconstruction_error`` (squared error
-    per sample between v and p(v | h), h ~ p(h | v); for PCD, whose chains do not start
-    at the data, h = p(h | v) and the extra down-pass is paid on every 10th batch only,
-    so the value is an estimate from those batches), ``free_energy`` (mean F(v) before
-    each update), ``samples``.
+    Returns, as means over the samples of every 10th batch (the first included):
+    ``reconstruction_error`` (squared error per sample between v and p(v | h), with
+    h ~ p(h | v) for CD and h = p(h | v) for PCD, whose chains do not start at the data)
+    and ``free_energy`` (F(v) before the batch's update); and ``samples``, the epoch's size.
 
     on_batch(samples_done, values): called after every batch (for progress bars); every
     10th batch ``values`` holds ``loss``, the running mean reconstruction error.
@@ -114,10 +117,11 @@ def rbm_train_epoch(
 
     recon_sum = torch.zeros((), dtype=torch.float64, device=W.device)
     fe_sum = torch.zeros((), dtype=torch.float64, device=W.device)
-    recon_count = 0
+    monitored = 0
     for batch_index, start in enumerate(range(0, n, batch_size)):
         idx = order[start : start + batch_size]
         v = data[idx.to(data.device)].to(device=W.device, dtype=W.dtype)  # (B, V)
+        monitor = batch_index % MONITOR_EVERY == 0
         result = cd_gradient(
             v,
             W,
@@ -126,29 +130,26 @@ def rbm_train_epoch(
             k=k,
             generator=generator,
             h_chain=rbm.persistent_h if persistent else None,
+            with_free_energy=monitor,
         )
         if persistent:
             rbm.persistent_v = result.v_negative
             rbm.persistent_h = result.h_negative
-            if batch_index % _PCD_MONITOR_EVERY == 0:
+        if monitor:
+            recon = result.reconstruction
+            if recon is None:  # PCD: its chains do not start at the data
                 recon = visible_probs(result.h_data_probs, W, b_v)
-                recon_sum += (v - recon).square_().sum().double()
-                recon_count += v.shape[0]
-        else:
-            recon_sum += (v - result.reconstruction).square_().sum().double()
-            recon_count += v.shape[0]
-        fe_sum += result.data_free_energy.sum().double()
+            recon_sum += (v - recon).square_().sum().double()
+            fe_sum += result.data_free_energy.sum().double()
+            monitored += v.shape[0]
         sgd_momentum_step_(
             params, result.grads, velocity, lr=lr, momentum=momentum, weight_decay=weight_decay
         )
         if on_batch is not None:
             done = min(start + batch_size, n)
-            if batch_index % _PCD_MONITOR_EVERY == 0:
-                on_batch(done, {"loss": float(recon_sum) / max(recon_count, 1)})
-            else:
-                on_batch(done, {})
+            on_batch(done, {"loss": float(recon_sum) / monitored} if monitor else {})
     return {
-        "reconstruction_error": float(recon_sum) / recon_count,
-        "free_energy": float(fe_sum) / n,
+        "reconstruction_error": float(recon_sum) / monitored,
+        "free_energy": float(fe_sum) / monitored,
         "samples": float(n),
     }
