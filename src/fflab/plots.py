@@ -71,9 +71,14 @@ def time_to_accuracy(run_dirs: list[Path], out: Path, key: str = "test_error_goo
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for d, minutes, errors in curves:
-        label = json.loads((Path(d) / "config.json").read_text())["preset"]
+        config = json.loads((Path(d) / "config.json").read_text())
+        label = f"{config['preset']}, seed {config.get('seed', '?')}"
         ax.plot(minutes, errors, marker=".", label=label)
     ax.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter  # plt is imported lazily, so this too
+
+    for axis_ticks in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis_ticks(FormatStrFormatter("%g"))
     ax.set_xlabel("training wall time (minutes)")
     ax.set_ylabel(f"{key.replace('_', ' ')} (%)")
     ax.grid(True, which="both", alpha=0.3)
