@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gzip
 import json
 import os
 import platform
@@ -33,6 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from fflab._runtime import tune_allocator  # noqa: E402
 from fflab.boltzmann import (  # noqa: E402
     RBM,
     ais_log_z,
@@ -40,23 +40,13 @@ from fflab.boltzmann import (  # noqa: E402
     make_base_rate_visible_bias,
     rbm_train_epoch,
 )
+from fflab.data import load_mnist  # noqa: E402
 
 
 def load_binarized_mnist(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(train, test) as float32 {0, 1} arrays of shape (N, 784)."""
-    try:
-        from fflab.data import load_mnist
-
-        ds = load_mnist(data_dir, allow_download=False)
-        xtr, xte = ds.train.x.numpy(), ds.test.x.numpy()
-    except ImportError:  # before fflab.data existed: read the IDX files directly
-
-        def read(name: str) -> np.ndarray:
-            with gzip.open(data_dir / name, "rb") as f:
-                raw = f.read()
-            return np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 784) / 255.0
-
-        xtr, xte = read("train-images-idx3-ubyte.gz"), read("t10k-images-idx3-ubyte.gz")
+    """(train, test) as float32 {0, 1} arrays of shape (N, 784), thresholded at 0.5."""
+    ds = load_mnist(data_dir, allow_download=False)
+    xtr, xte = ds.train.x.numpy(), ds.test.x.numpy()
     return (xtr > 0.5).astype(np.float32), (xte > 0.5).astype(np.float32)
 
 
@@ -105,12 +95,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args()
 
-    try:
-        from fflab._runtime import tune_allocator
-
-        allocator_tuned = tune_allocator()
-    except ImportError:
-        allocator_tuned = False
+    allocator_tuned = tune_allocator()
     torch.set_num_threads(args.threads)
     import sklearn
     from threadpoolctl import threadpool_limits
