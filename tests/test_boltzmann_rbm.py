@@ -20,6 +20,7 @@ from fflab.boltzmann import (
     rbm_train_epoch,
     sample_hidden,
     sample_visible,
+    sgd_momentum_step_,
     visible_probs,
 )
 
@@ -287,3 +288,25 @@ def test_bad_input_raises():
         rbm_train_epoch(rbm, torch.zeros(4, 4), momentum=1.5, generator=g)
     with pytest.raises(ValueError, match="batch_size"):
         rbm_train_epoch(rbm, torch.zeros(4, 4), batch_size=0, generator=g)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+def test_sgd_momentum_step_by_hand(momentum):
+    """v = m v + lr (g - wd p) with wd on W only, then p += v; twice, so the carried
+    velocity counts (the momentum-0 path must still leave the right velocity behind)."""
+    f64 = torch.float64
+    params = {"W": torch.tensor([[1.0, -2.0]], dtype=f64), "b_v": torch.tensor([0.5], dtype=f64)}
+    grads = {"W": torch.tensor([[0.25, 1.0]], dtype=f64), "b_v": torch.tensor([-1.0], dtype=f64)}
+    lr, wd = 0.1, 0.2
+    w, b = params["W"].clone(), params["b_v"].clone()
+    vw, vb = torch.zeros_like(w), torch.zeros_like(b)
+    velocity: dict[str, torch.Tensor] = {}
+    for _ in range(2):
+        sgd_momentum_step_(params, grads, velocity, lr=lr, momentum=momentum, weight_decay=wd)
+        vw = momentum * vw + lr * (grads["W"] - wd * w)
+        vb = momentum * vb + lr * grads["b_v"]
+        w, b = w + vw, b + vb
+        torch.testing.assert_close(params["W"], w, rtol=0, atol=1e-15)
+        torch.testing.assert_close(params["b_v"], b, rtol=0, atol=1e-15)
+        torch.testing.assert_close(velocity["W"], vw, rtol=0, atol=1e-15)
+    assert grads["W"].tolist() == [[0.25, 1.0]]  # the gradients are not consumed
