@@ -3,8 +3,8 @@
 784 x 500 RBM, minibatch 100, lr 0.05, binarized MNIST (pixel > 0.5). The headline rows use
 scikit-learn's own settings (no momentum, no weight decay; sklearn trains by PCD-1); fflab
 with the practical guide's momentum and weight decay is timed beside them. Every method
-trains on the same samples; the methods are run in interleaved rounds (the matmul rate of a shared
-machine drifts within minutes): the median samples/s per method is reported, each speed-up
+trains on the same samples; the methods are run in interleaved rounds (the matmul rate of a
+shared machine drifts within minutes): the median samples/s per method is reported, each speed-up
 over scikit-learn is taken within a round (median over rounds), and the float32 GEMM rate
 of the step's own shape is measured in every round. Then one AIS evaluation of log Z at
 the default schedule (14,500 steps, 100 chains) of a briefly trained RBM is timed.

@@ -43,16 +43,12 @@ def sgd_momentum_step_(
 ) -> None:
     """In-place ascent step: v = m v + lr (g - wd p) (wd only on ``decayed``); p += v."""
     names = list(params)
-    if momentum == 0.0:  # v = lr g: one pass, and the old velocity need not be read
-        vels = torch._foreach_mul([grads[n] for n in names], lr)
-        velocity.update(zip(names, vels, strict=True))
-    else:
-        for name in names:
-            if name not in velocity:
-                velocity[name] = torch.zeros_like(params[name])
-        vels = [velocity[n] for n in names]
-        torch._foreach_mul_(vels, momentum)
-        torch._foreach_add_(vels, [grads[n] for n in names], alpha=lr)
+    for name in names:
+        if name not in velocity:
+            velocity[name] = torch.zeros_like(params[name])
+    vels = [velocity[n] for n in names]
+    torch._foreach_mul_(vels, momentum)
+    torch._foreach_add_(vels, [grads[n] for n in names], alpha=lr)
     if weight_decay:
         for name in (n for n in decayed if n in params):
             velocity[name].add_(params[name], alpha=-lr * weight_decay)
