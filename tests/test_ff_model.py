@@ -34,6 +34,7 @@ def batch(n=9, seed=1):
 
 def captured_grads(net, x, y, negatives="random", seed=5):
     tr = FFTrainer(net, FFTrainConfig(negatives=negatives))
+    tr.fused = False  # write the gradients to .grad
     tr.optimizer.step = lambda: None  # keep the weights, read the gradients
     tr.step(x, y, torch.Generator().manual_seed(seed))
     return [(m.weight.grad.clone(), m.bias.grad.clone()) for m in net.layers]
@@ -122,6 +123,23 @@ def test_prediction_does_not_depend_on_batch_mates():
         assert torch.equal(net.predict(torch.flip(x, [0]), mode), torch.flip(together, [0]))
     scores_alone = net.label_scores(x[:1])
     assert torch.allclose(net.label_scores(x)[:1], scores_alone, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["overlay", "concat"])
+def test_fused_update_equals_gradient_then_step(mode):
+    """Folding weight gradients into SmoothedSGD's state by GEMM = .grad + optimizer.step."""
+    nets = [tiny(mode=mode, peer=0.06), tiny(mode=mode, peer=0.06)]
+    trainers = [FFTrainer(n, FFTrainConfig(weight_cost=0.01)) for n in nets]
+    trainers[1].fused = False
+    for seed in range(4):
+        x, y = batch(seed=seed)
+        for tr in trainers:
+            tr.step(x, y, torch.Generator().manual_seed(seed))
+    assert trainers[0].fused and nets[0].layers[0].weight.grad is None
+    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-13)
+    moved = nets[0].layers[0].weight - tiny(mode=mode).layers[0].weight
+    assert moved[:, :4].abs().min() > 0 and moved[:, 4:].abs().max() > 1e-4  # both blocks learn
 
 
 def test_greedy_step_updates_only_the_active_layer():

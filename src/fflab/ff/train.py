@@ -83,6 +83,10 @@ class FFTrainer:
         self.net = net
         self.cfg = cfg
         self.optimizer = make_optimizer(net, cfg)
+        # SmoothedSGD takes weight gradients as products folded into its smoothed gradient
+        # (see SmoothedSGD.fold_product_); set False to have them written to .grad instead
+        self.fused = isinstance(self.optimizer, SmoothedSGD)
+        self._constants: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def set_lr_factor(self, factor: float) -> None:
         for g in self.optimizer.param_groups:
@@ -135,27 +139,30 @@ class FFTrainer:
         labels = torch.cat([y, y_neg])  # (2B,)
         w0, s2 = net.layers[0].weight, s_lab.repeat(2).unsqueeze(1)  # (2B, 1)
         z_img = torch.addcmul(net.layers[0].bias, a_img, s2[:b])  # (B, H_0)
-        z0 = torch.addcmul(z_img.repeat(2, 1), w0[:, :k].T[labels], s2)  # (2B, H_0)
+        wy = w0[:, :k].T.contiguous()  # (C, H_0): rows gathered below, so made contiguous
+        z0 = torch.addcmul(z_img.repeat(2, 1), wy[labels], s2)  # (2B, H_0)
         acts, ssq, inputs = self._pass(z0)
-        target = torch.zeros(2 * b, dtype=x.dtype, device=x.device)
-        target[:b] = 1.0
 
+        # every layer's goodness, loss and dL/dgoodness at once: (L, 2B)
+        widths, theta = self._layer_constants(x)  # (L, 1) each
+        g = torch.stack(ssq)  # (L, 2B)
+        if c.goodness == "meansq":
+            g = g / widths
         sign = goodness_sign(c.goodness)
-        stats = []
-        for i in range(n_layers):
-            a, h = acts[i], net.config.hidden[i]
-            g = ssq[i] / h if c.goodness == "meansq" else ssq[i]  # (2B,)
-            logit = sign * (g - net.theta(i))
-            # logistic loss of "positive" with target 1 (positive rows) or 0 (negative rows)
-            loss = F.binary_cross_entropy_with_logits(logit, target, reduction="none")
-            stats.append(
-                torch.stack([loss[:b].mean() + loss[b:].mean(), g[:b].mean(), g[b:].mean()])
-            )
-            if i not in active:
-                continue
-            # dL/dz = (sigmoid(logit) - target) * sign * dg/da * 1[z > 0] / B
-            scale = 2.0 / h if c.goodness == "meansq" else 2.0
-            dz = a * ((torch.sigmoid(logit) - target) * (sign * scale / b)).unsqueeze(1)
+        logit = sign * (g - theta)
+        target = torch.zeros_like(logit)
+        target[:, :b] = 1.0
+        # logistic loss of "positive" with target 1 (positive rows) or 0 (negative rows)
+        loss = F.binary_cross_entropy_with_logits(logit, target, reduction="none")
+        stats = torch.stack(
+            [loss[:, :b].mean(1) + loss[:, b:].mean(1), g[:, :b].mean(1), g[:, b:].mean(1)], 1
+        )  # (L, 3)
+        # dL/dz = (sigmoid(logit) - target) * sign * dg/da * 1[z > 0] / B, dg/da = scale * a
+        scale = 2.0 / widths if c.goodness == "meansq" else 2.0
+        dz_da = (torch.sigmoid(logit) - target).mul_(scale * (sign / b))  # (L, 2B)
+        for i in active:
+            a = acts[i]
+            dz = a * dz_da[i].unsqueeze(1)  # (2B, H_i)
             if c.peer_norm > 0:
                 rm = net.running_mean(i)
                 rm.mul_(c.peer_momentum).add_(a[:b].mean(0), alpha=1 - c.peer_momentum)
@@ -164,13 +171,37 @@ class FFTrainer:
             if i == 0:
                 self._first_layer_grad(x, labels, dz, s_lab)
             else:
-                layer.weight.grad = dz.T @ inputs[i]  # one product over all 2B samples
+                self._weight_grad(layer.weight, dz.T, inputs[i])  # one product, all 2B rows
             layer.bias.grad = dz.sum(0)
         for i in range(n_layers):
             if i not in active:
                 net.layers[i].weight.grad = net.layers[i].bias.grad = None
         self.optimizer.step()
-        return torch.stack(stats)
+        return stats
+
+    def _layer_constants(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """Widths and thresholds of the layers as (L, 1) tensors, made once per dtype/device."""
+        key = (like.dtype, like.device)
+        if key not in self._constants:
+            net = self.net
+            self._constants[key] = tuple(
+                torch.tensor(v, dtype=like.dtype, device=like.device).unsqueeze(1)
+                for v in (net.config.hidden, [net.theta(i) for i in range(net.num_layers)])
+            )
+        return self._constants[key]
+
+    def _weight_grad(self, w: Tensor, a: Tensor, b: Tensor, columns: slice = slice(None)) -> None:
+        """Hand the gradient ``a @ b`` of ``w[:, columns]`` to the optimizer.
+
+        Fused: folded into SmoothedSGD's smoothed gradient by one GEMM. Otherwise written into
+        ``w.grad`` (allocated once, every column overwritten each step).
+        """
+        if self.fused:
+            self.optimizer.fold_product_(w, a, b, columns)
+            return
+        if w.grad is None:
+            w.grad = torch.empty_like(w)
+        torch.mm(a, b, out=w.grad[:, columns])
 
     def _first_layer_grad(self, x: Tensor, labels: Tensor, dz: Tensor, scale: Tensor) -> None:
         """Weight gradient of layer 0, whose input is ``scale * [label; image]``.
@@ -180,14 +211,16 @@ class FFTrainer:
         scatter-add over ``labels`` (2B,).
         """
         net, k, b = self.net, self.net.config.num_classes, x.shape[0]
-        layer = net.layers[0]
+        w = net.layers[0].weight  # (H_0, C + Dx)
         xr = x[:, k:] if net.config.label_mode == "overlay" else x  # (B, Dx)
         dz = dz * scale.repeat(2).unsqueeze(1)
-        grad = torch.empty_like(layer.weight)  # (H_0, C + Dx)
-        torch.mm((dz[:b] + dz[b:]).T, xr, out=grad[:, k:])
-        gy = torch.zeros(k, grad.shape[0], dtype=grad.dtype, device=grad.device)
-        grad[:, :k] = gy.index_add_(0, labels, dz).T
-        layer.weight.grad = grad
+        self._weight_grad(w, (dz[:b] + dz[b:]).T, xr, slice(k, None))
+        gy = torch.zeros(k, w.shape[0], dtype=w.dtype, device=w.device)
+        gy = gy.index_add_(0, labels, dz).T  # (H_0, C)
+        if self.fused:
+            self.optimizer.fold_(w, gy, slice(None, k))
+        else:
+            w.grad[:, :k] = gy
 
     def train_epoch(
         self,
