@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from fflab import optim
 from fflab.ff.model import FFNet, FFNetConfig
 from fflab.ff.train import FFTrainConfig, make_optimizer
-from fflab import optim
 from fflab.optim import SmoothedSGD, hinton_lr_factor, lr_factor
 
 
