@@ -178,6 +178,8 @@ def test_cd_gradient_is_positive_minus_negative_statistics_of_its_own_states(per
     for name, value in want.items():
         torch.testing.assert_close(res.grads[name].double(), value, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(res.h_data_probs.double(), h_pos, rtol=1e-5, atol=1e-6)
+    a, b = res.weight_factors  # what a training loop folds into its update instead
+    torch.testing.assert_close((a @ b).double(), want["W"], rtol=1e-5, atol=1e-6)
     assert res.v_negative.shape == ((5, 9) if persistent else (7, 9))
     fe = cd_gradient(v_data, W, b_v, b_h, generator=g, h_chain=h_chain).data_free_energy
     torch.testing.assert_close(fe, free_energy(v_data, W, b_v, b_h))
@@ -291,18 +293,30 @@ def test_bad_input_raises():
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.5])
-def test_sgd_momentum_step_by_hand(momentum):
+@pytest.mark.parametrize("folded", [False, True])
+def test_sgd_momentum_step_by_hand(momentum, folded):
     """v = m v + lr (g - wd p) with wd on W only, then p += v; twice, so the carried
-    velocity counts (the momentum-0 path must still leave the right velocity behind)."""
+    velocity counts (the momentum-0 path must still leave the right velocity behind).
+    folded: W's gradient given as factors [[0.5]] @ [[0.5, 2]], folded in by one GEMM."""
     f64 = torch.float64
     params = {"W": torch.tensor([[1.0, -2.0]], dtype=f64), "b_v": torch.tensor([0.5], dtype=f64)}
     grads = {"W": torch.tensor([[0.25, 1.0]], dtype=f64), "b_v": torch.tensor([-1.0], dtype=f64)}
+    products = {"W": (torch.tensor([[0.5]], dtype=f64), torch.tensor([[0.5, 2.0]], dtype=f64))}
     lr, wd = 0.1, 0.2
     w, b = params["W"].clone(), params["b_v"].clone()
     vw, vb = torch.zeros_like(w), torch.zeros_like(b)
     velocity: dict[str, torch.Tensor] = {}
     for _ in range(2):
-        sgd_momentum_step_(params, grads, velocity, lr=lr, momentum=momentum, weight_decay=wd)
+        given = {"b_v": grads["b_v"]} if folded else grads
+        sgd_momentum_step_(
+            params,
+            given,
+            velocity,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=wd,
+            products=products if folded else None,
+        )
         vw = momentum * vw + lr * (grads["W"] - wd * w)
         vb = momentum * vb + lr * grads["b_v"]
         w, b = w + vw, b + vb

@@ -116,6 +116,8 @@ class CDResult(NamedTuple):
         (None for PCD, whose chains do not start at the data).
     data_free_energy: (B,) F(v_data) from the positive pass (None when not asked for).
     h_data_probs: (B, H) p(h | v_data), the positive-phase hidden probabilities.
+    weight_factors: (V, B + C), (B + C, H) whose product is ``grads["W"]``, for a caller that
+        folds the product into its own update (``cd_gradient(..., weight_grad=False)``).
     """
 
     grads: dict[str, Tensor]
@@ -124,6 +126,7 @@ class CDResult(NamedTuple):
     reconstruction: Tensor | None
     data_free_energy: Tensor | None
     h_data_probs: Tensor
+    weight_factors: tuple[Tensor, Tensor]
 
 
 def cd_gradient(
@@ -136,6 +139,7 @@ def cd_gradient(
     generator: torch.Generator,
     h_chain: Tensor | None = None,
     with_free_energy: bool = True,
+    weight_grad: bool = True,
 ) -> CDResult:
     """Contrastive-divergence (CD-k) or persistent-CD estimate of the likelihood gradient.
 
@@ -146,7 +150,8 @@ def cd_gradient(
 
     v_data: (B, V) values in [0, 1];  h_chain: (C, H) binary, or None for CD-k.
     with_free_energy=False skips F(v_data) (``data_free_energy`` is then None), which a training
-    loop needs only on the batches it monitors.
+    loop needs only on the batches it monitors. weight_grad=False leaves ``W`` out of the
+    grads (it is the product of ``weight_factors``).
     Returns a :class:`CDResult`; grads are means over their batches (positive over B,
     negative over C), so B and C may differ.
     """
@@ -198,11 +203,12 @@ def cd_gradient(
         data_fe = -(v_data @ b_v) - F.softplus(x_pos).sum(-1)  # (B,)
 
     grads = {
-        "W": torch.mm(both.T, coef),  # (V, H)
         "b_v": torch.mv(both.T, scale.view(-1)),  # (V,)
         "b_h": coef.sum(0),  # (H,)
     }
-    return CDResult(grads, v, h_next, reconstruction, data_fe, h_pos)
+    if weight_grad:
+        grads["W"] = torch.mm(both.T, coef)  # (V, H)
+    return CDResult(grads, v, h_next, reconstruction, data_fe, h_pos, (both.T, coef))
 
 
 def logit_of_mean(data: Tensor, eps: float = 1e-2) -> Tensor:

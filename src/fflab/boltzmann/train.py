@@ -40,19 +40,29 @@ def sgd_momentum_step_(
     momentum: float,
     weight_decay: float,
     decayed: tuple[str, ...] = ("W",),
+    products: dict[str, tuple[Tensor, Tensor]] | None = None,
 ) -> None:
-    """In-place ascent step: v = m v + lr (g - wd p) (wd only on ``decayed``); p += v."""
+    """In-place ascent step: v = m v + lr (g - wd p) (wd only on ``decayed``); p += v.
+
+    ``products`` gives gradients as factor pairs ``(a, b)`` with g = a @ b instead of in
+    ``grads``; they are folded into the velocity by one GEMM (``beta = m``), which spares
+    writing g and two passes over it.
+    """
+    products = products or {}
     names = list(params)
     for name in names:
         if name not in velocity:
             velocity[name] = torch.zeros_like(params[name])
-    vels = [velocity[n] for n in names]
+    dense = [n for n in names if n not in products]
+    vels = [velocity[n] for n in dense]
     torch._foreach_mul_(vels, momentum)
-    torch._foreach_add_(vels, [grads[n] for n in names], alpha=lr)
+    torch._foreach_add_(vels, [grads[n] for n in dense], alpha=lr)
+    for name, (a, b) in products.items():
+        velocity[name].addmm_(a, b, beta=momentum, alpha=lr)
     if weight_decay:
         for name in (n for n in decayed if n in params):
             velocity[name].add_(params[name], alpha=-lr * weight_decay)
-    torch._foreach_add_([params[n] for n in names], vels)
+    torch._foreach_add_([params[n] for n in names], [velocity[n] for n in names])
 
 
 def _check_float(value: float, name: str, lo: float, hi: float | None = None) -> float:
@@ -131,6 +141,7 @@ def rbm_train_epoch(
             generator=generator,
             h_chain=rbm.persistent_h if persistent else None,
             with_free_energy=monitor,
+            weight_grad=False,  # folded into the velocity below
         )
         if persistent:
             rbm.persistent_v = result.v_negative
@@ -143,7 +154,13 @@ def rbm_train_epoch(
             fe_sum += result.data_free_energy.sum().double()
             monitored += v.shape[0]
         sgd_momentum_step_(
-            params, result.grads, velocity, lr=lr, momentum=momentum, weight_decay=weight_decay
+            params,
+            result.grads,
+            velocity,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            products={"W": result.weight_factors},
         )
         if on_batch is not None:
             done = min(start + batch_size, n)
