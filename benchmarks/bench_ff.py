@@ -37,7 +37,8 @@ import torch
 
 import fflab
 from fflab._runtime import tune_allocator
-from fflab.backprop import BPNet, BPNetConfig
+from fflab.backprop import BPNet, BPNetConfig, BPTrainConfig
+from fflab.backprop import make_optimizer as make_bp_optimizer
 from fflab.ff.model import FFNet, FFNetConfig
 from fflab.ff.train import FFTrainConfig, FFTrainer
 
@@ -99,7 +100,7 @@ def bench_one(hidden, batch, x, y, device, min_seconds):
     ff = FFNet(FFNetConfig(hidden=hidden), generator=init).to(device)
     tr = FFTrainer(ff, FFTrainConfig())
     bp = BPNet(BPNetConfig(hidden=hidden), generator=init).to(device)
-    opt = torch.optim.SGD(bp.parameters(), lr=0.01, momentum=0.9)
+    opt = make_bp_optimizer(bp, BPTrainConfig())  # what `fflab train` uses
     n = x.shape[0] // batch
     state = {"i": 0}
 

@@ -11,7 +11,7 @@ from fflab.optim import SmoothedSGD, hinton_lr_factor, lr_factor
 
 @pytest.mark.parametrize("fused_kernel", [True, False])
 def test_smoothed_sgd_two_steps_by_hand(fused_kernel, monkeypatch):
-    monkeypatch.setattr(optim, "_FUSED_SGD", fused_kernel)  # torch's fused kernel or foreach
+    monkeypatch.setattr(optim, "FUSED_SGD", fused_kernel)  # torch's fused kernel or foreach
     p = torch.nn.Parameter(torch.tensor([2.0, -1.0], dtype=torch.float64))
     opt = SmoothedSGD([p], lr=0.5, momentum=0.9, weight_decay=0.1)
     p.grad = torch.tensor([1.0, 4.0], dtype=torch.float64)

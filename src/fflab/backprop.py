@@ -20,7 +20,7 @@ from fflab.checkpoint import flatten_optimizer, unflatten_optimizer
 from fflab.config import RunConfig
 from fflab.data import Datasets, Split
 from fflab.ff.functional import embed_label, rms_normalize
-from fflab.optim import lr_factor
+from fflab.optim import FUSED_SGD, lr_factor
 
 
 @dataclass(frozen=True)
@@ -94,19 +94,26 @@ def error_rate(net: BPNet, split: Split, batch_size: int) -> float:
     return 100.0 * wrong / max(len(split), 1)
 
 
+def make_optimizer(net: nn.Module, t: BPTrainConfig) -> torch.optim.Optimizer:
+    """Adam, or SGD with classic momentum (torch's fused kernel where it runs: torch >= 2.4).
+
+    Build it after the net is on its device.
+    """
+    if t.optimizer == "adam":
+        return torch.optim.Adam(net.parameters(), lr=t.lr, weight_decay=t.weight_cost)
+    params = list(net.parameters())
+    fused = FUSED_SGD and all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.SGD(
+        params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_cost, fused=fused or None
+    )
+
+
 class BPExperiment:
     def __init__(self, config: RunConfig, data: Datasets, device: torch.device, generator):
         self.config, self.data = config, data
         self.net = BPNet(config.model, generator).to(device)
         t = config.train
-        if t.optimizer == "adam":
-            self.optimizer = torch.optim.Adam(
-                self.net.parameters(), lr=t.lr, weight_decay=t.weight_cost
-            )
-        else:
-            self.optimizer = torch.optim.SGD(
-                self.net.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_cost
-            )
+        self.optimizer = make_optimizer(self.net, t)
         self.epochs = t.epochs
         self.samples_per_epoch = len(data.train)
 

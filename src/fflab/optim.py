@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.optim.sgd import sgd as _functional_sgd
 
-_FUSED_SGD = torch.__version__ >= "2.4"  # torch's fused SGD kernel runs on CPU from 2.4 on
+FUSED_SGD = torch.__version__ >= "2.4"  # torch's fused SGD kernel runs on CPU from 2.4 on
 
 
 class SmoothedSGD(torch.optim.Optimizer):
@@ -81,7 +81,7 @@ def _decay_and_step_(params: list, incs: list, lr: float, wd: float) -> None:
     That is plain SGD without momentum on the "gradient" ``inc``, which torch's fused SGD
     kernel does in one read of ``p`` and ``inc`` (two foreach passes otherwise).
     """
-    fused = _FUSED_SGD and all(p.device.type in ("cpu", "cuda") for p in params)
+    fused = FUSED_SGD and all(p.device.type in ("cpu", "cuda") for p in params)
     _functional_sgd(
         params,
         incs,

@@ -1,0 +1,59 @@
+"""The backprop twin: same input and layers as FF, its optimizer, a short real-data run."""
+
+import pytest
+import torch
+
+from fflab import optim, presets, runs
+from fflab.backprop import BPNet, BPNetConfig, BPTrainConfig, make_optimizer
+from fflab.ff.model import FFNet, FFNetConfig
+
+
+def test_twin_sees_ffs_neutral_input_through_the_same_layers():
+    """Same seed, same hidden sizes: BPNet's hidden activities are FF's neutral-label pass."""
+    hidden = (12, 9, 7)
+    ff = FFNet(
+        FFNetConfig(in_features=30, num_classes=4, hidden=hidden), torch.Generator().manual_seed(3)
+    )
+    bp = BPNet(
+        BPNetConfig(in_features=30, num_classes=4, hidden=hidden), torch.Generator().manual_seed(3)
+    )
+    ff, bp = ff.double(), bp.double()
+    x = torch.rand(5, 30, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    acts = []
+    bp.layers[-1].register_forward_hook(lambda m, i, o: acts.append(torch.relu(o)))
+    bp(x)
+    torch.testing.assert_close(acts[0], ff.neutral_activities(x)[-1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.skipif(not optim.FUSED_SGD, reason="torch's fused SGD kernel needs torch >= 2.4")
+def test_fused_sgd_equals_foreach(monkeypatch):
+    """The optimizer fflab builds (fused kernel) takes the same steps as plain foreach SGD."""
+    nets = [
+        BPNet(BPNetConfig(in_features=30, hidden=(8, 6)), torch.Generator().manual_seed(0)).double()
+        for _ in range(2)
+    ]
+    cfg = BPTrainConfig(weight_cost=0.01)
+    fused = make_optimizer(nets[0], cfg)
+    monkeypatch.setattr("fflab.backprop.FUSED_SGD", False)
+    plain = make_optimizer(nets[1], cfg)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        x = torch.rand(4, 30, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 10, (4,), generator=g)
+        for net, opt in zip(nets, (fused, plain), strict=True):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+
+
+def test_short_real_mnist_bp_run_reaches_bar(tmp_path, mnist_dir):
+    """mnist-bp-hinton-code for one epoch: test error below 5% (measured about 3.3%)."""
+    c = presets.resolve("mnist-bp-hinton-code", {"train": {"epochs": "1"}})
+    s = runs.train(
+        c, tmp_path / "r", device=torch.device("cpu"), data_dir=mnist_dir, progress=False
+    )
+    assert s["test_error"] < 5.0, s
+    assert s["train_error"] < 5.0, s
