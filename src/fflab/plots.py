@@ -65,6 +65,32 @@ def minutes_to_reach(minutes: list, errors: list, bar: float) -> float | None:
     return next((t for t, e in zip(minutes, errors, strict=True) if e <= bar), None)
 
 
+_ERROR_TICKS = [
+    0.5,
+    0.6,
+    0.8,
+    1,
+    1.1,
+    1.2,
+    1.3,
+    1.4,
+    1.5,
+    1.6,
+    1.8,
+    2,
+    2.5,
+    3,
+    4,
+    5,
+    7,
+    10,
+    15,
+    20,
+    30,
+]
+_ERROR_TICKS += [50, 70, 100]
+
+
 def time_to_accuracy(run_dirs: list[Path], out: Path, key: str = "test_error_goodness") -> Path:
     """Plot ``key`` (percent) against cumulative training time for each run; write a PNG."""
     curves = [(d, *accuracy_curve(d, key)) for d in run_dirs]  # fail before drawing
@@ -75,10 +101,15 @@ def time_to_accuracy(run_dirs: list[Path], out: Path, key: str = "test_error_goo
         label = f"{config['preset']}, seed {config.get('seed', '?')}"
         ax.plot(minutes, errors, marker=".", label=label)
     ax.set_yscale("log")
-    from matplotlib.ticker import FormatStrFormatter  # plt is imported lazily, so this too
+    from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullLocator
 
-    for axis_ticks in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-        axis_ticks(FormatStrFormatter("%g"))
+    # plain percentages, dense enough that the last tenths of a percent can be read off
+    every = [e for _, _, errors in curves for e in errors]
+    lo, hi = min(every, default=1.0), max(every, default=10.0)
+    ticks = [t for t in _ERROR_TICKS if lo / 1.15 <= t <= hi * 1.15]
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax.set_xlabel("training wall time (minutes)")
     ax.set_ylabel(f"{key.replace('_', ' ')} (%)")
     ax.grid(True, which="both", alpha=0.3)
