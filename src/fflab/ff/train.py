@@ -190,18 +190,26 @@ class FFTrainer:
             )
         return self._constants[key]
 
-    def _weight_grad(self, w: Tensor, a: Tensor, b: Tensor, columns: slice = slice(None)) -> None:
-        """Hand the gradient ``a @ b`` of ``w[:, columns]`` to the optimizer.
+    def _weight_grad(
+        self, w: Tensor, a: Tensor, b: Tensor | None = None, columns: slice = slice(None)
+    ) -> None:
+        """Hand the gradient of ``w[:, columns]``, ``a @ b`` (or ``a`` itself), to the optimizer.
 
-        Fused: folded into SmoothedSGD's smoothed gradient by one GEMM. Otherwise written into
-        ``w.grad`` (allocated once, every column overwritten each step).
+        Fused: folded into SmoothedSGD's smoothed gradient (a product by one GEMM). Otherwise
+        written into ``w.grad`` (allocated once, every column overwritten each step).
         """
         if self.fused:
-            self.optimizer.fold_product_(w, a, b, columns)
+            if b is None:
+                self.optimizer.fold_(w, a, columns)
+            else:
+                self.optimizer.fold_product_(w, a, b, columns)
             return
         if w.grad is None:
             w.grad = torch.empty_like(w)
-        torch.mm(a, b, out=w.grad[:, columns])
+        if b is None:
+            w.grad[:, columns] = a
+        else:
+            torch.mm(a, b, out=w.grad[:, columns])
 
     def _first_layer_grad(self, x: Tensor, labels: Tensor, dz: Tensor, scale: Tensor) -> None:
         """Weight gradient of layer 0, whose input is ``scale * [label; image]``.
@@ -216,11 +224,7 @@ class FFTrainer:
         dz = dz * scale.repeat(2).unsqueeze(1)
         self._weight_grad(w, (dz[:b] + dz[b:]).T, xr, slice(k, None))
         gy = torch.zeros(k, w.shape[0], dtype=w.dtype, device=w.device)
-        gy = gy.index_add_(0, labels, dz).T  # (H_0, C)
-        if self.fused:
-            self.optimizer.fold_(w, gy, slice(None, k))
-        else:
-            w.grad[:, :k] = gy
+        self._weight_grad(w, gy.index_add_(0, labels, dz).T, columns=slice(None, k))  # (H_0, C)
 
     def train_epoch(
         self,
