@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from fflab.checkpoint import flatten_optimizer, unflatten_optimizer
 from fflab.config import RunConfig
 from fflab.data import Datasets, Split
-from fflab.ff.functional import embed_label, rms_normalize
+from fflab.ff.functional import embed_label, rms_normalize, rms_normalize_backward, rms_scale
 from fflab.optim import FUSED_SGD, lr_factor
 
 
@@ -72,16 +72,76 @@ class BPNet(nn.Module):
             nn.init.normal_(m.weight, 0.0, 1.0 / math.sqrt(m.in_features), generator)
             nn.init.zeros_(m.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits (B, C) of images x (B, D)."""
+    def input(self, x: Tensor) -> Tensor:
+        """The first layer's input (B, D) for images x (B, D): the neutral label written over
+        the label pixels, or the bare image."""
         c = self.config
         if c.label_input == "neutral":
             neutral = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
             x = embed_label(x, neutral, c.num_classes, "overlay")
-        h = x
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits (B, C) of images x (B, D)."""
+        h = self.input(x)
         for layer in self.layers:
             h = torch.relu(layer(rms_normalize(h)))
         return self.out(rms_normalize(h))
+
+
+def _momentum_buffer(optimizer: torch.optim.Optimizer, p: Tensor) -> Tensor:
+    state = optimizer.state[p]
+    if state.get("momentum_buffer") is None:  # torch.optim.SGD's first step: buf = grad
+        state["momentum_buffer"] = torch.zeros_like(p)
+    return state["momentum_buffer"]
+
+
+@torch.no_grad()
+def sgd_step_(net: BPNet, optimizer: torch.optim.SGD, x: Tensor, y: Tensor) -> Tensor:
+    """One step of ``optimizer`` on the batch-mean cross-entropy of (x, y); returns the loss.
+
+    The same step as ``cross_entropy(net(x), y).backward(); optimizer.step()`` (classic
+    momentum, weight decay on every parameter), with the gradients derived by hand: each
+    weight gradient ``dz' h`` is added into its momentum buffer by one GEMM (``buf = momentum
+    * buf + dz' h``) instead of being written to ``.grad``, and no gradient is taken with
+    respect to the input image. x: (B, D) images, y: (B,) labels.
+    """
+    (group,) = optimizer.param_groups
+    if group["nesterov"] or group["dampening"] or group["maximize"]:
+        raise ValueError("sgd_step_ does classic momentum only (no nesterov/dampening/maximize)")
+    lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+    mods = [*net.layers, net.out]
+    # forward, keeping each module's normalized input h (B, in) and its scale r (B, 1)
+    hs, rs = [], []
+    u = net.input(x)
+    for m in mods:
+        rs.append(rms_scale(u))
+        hs.append(u * rs[-1])
+        u = torch.addmm(m.bias, hs[-1], m.weight.t())
+        if m is not net.out:
+            u.relu_()
+    logp = torch.log_softmax(u, dim=1)  # (B, C)
+    loss = -logp.gather(1, y[:, None]).mean()
+    dz = logp.exp_()  # softmax, then minus the one-hot target, over the batch size
+    dz[torch.arange(y.shape[0], device=y.device), y] -= 1.0
+    dz.div_(y.shape[0])
+    params, bufs = [], []
+    for i in reversed(range(len(mods))):
+        m, h = mods[i], hs[i]
+        if i > 0:  # the lower layer's dz, before its weights move
+            dh = dz @ m.weight  # (B, in)
+        wbuf = _momentum_buffer(optimizer, m.weight).addmm_(dz.t(), h, beta=mom)
+        bbuf = _momentum_buffer(optimizer, m.bias).mul_(mom).add_(dz.sum(0))
+        for p, buf in ((m.weight, wbuf), (m.bias, bbuf)):
+            if wd:
+                buf.add_(p, alpha=wd)
+            params.append(p)
+            bufs.append(buf)
+        if i > 0:
+            # h = relu(z) * r, so h > 0 exactly where the ReLU below passed its input
+            dz = rms_normalize_backward(dh, h, rs[i]).masked_fill_(h <= 0, 0.0)
+    torch._foreach_add_(params, bufs, alpha=-lr)
+    return loss
 
 
 @torch.no_grad()
@@ -114,8 +174,20 @@ class BPExperiment:
         self.net = BPNet(config.model, generator).to(device)
         t = config.train
         self.optimizer = make_optimizer(self.net, t)
+        # SGD steps use the hand-derived gradients of sgd_step_; False: autograd (and Adam)
+        self.hand_derived = isinstance(self.optimizer, torch.optim.SGD)
         self.epochs = t.epochs
         self.samples_per_epoch = len(data.train)
+
+    def step(self, x: Tensor, y: Tensor) -> Tensor:
+        """One optimizer step on the batch (x, y); returns its loss."""
+        if self.hand_derived:
+            return sgd_step_(self.net, self.optimizer, x, y)
+        loss = F.cross_entropy(self.net(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
 
     def train_epoch(self, epoch: int, generator: torch.Generator, on_batch) -> dict[str, float]:
         t = self.config.train
@@ -130,10 +202,7 @@ class BPExperiment:
         self.net.train()
         for start in range(0, n, t.batch_size):
             idx = order[start : start + t.batch_size]
-            loss = F.cross_entropy(self.net(x[idx]), y[idx])
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            loss = self.step(x[idx], y[idx])
             total += loss.detach()
             batches += 1
             on_batch(min(start + t.batch_size, n), {"loss": float(loss.detach())})

@@ -56,9 +56,24 @@ def ff_loss(g_pos: Tensor, g_neg: Tensor, theta: float, kind: str = "sumsq") -> 
     )
 
 
+def rms_scale(x: Tensor, eps: float = RMS_EPS) -> Tensor:
+    """``1 / sqrt(mean(x^2) + eps)`` of each row of ``x``: (..., D) -> (..., 1)."""
+    return torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+
+
 def rms_normalize(x: Tensor, eps: float = RMS_EPS) -> Tensor:
     """Divide each row of ``x`` (..., D) by its root mean square, so only its direction is kept."""
-    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    return x * rms_scale(x, eps)
+
+
+def rms_normalize_backward(dy: Tensor, y: Tensor, r: Tensor) -> Tensor:
+    """Gradient through :func:`rms_normalize`: (..., D) -> (..., D).
+
+    ``y = x * r`` with ``r = (mean(x^2) + eps)^(-1/2)`` of shape (..., 1); then
+    ``dL/dx = r * (dL/dy - y * mean(dL/dy * y))``.
+    """
+    s = (dy * y).mean(-1, keepdim=True)
+    return torch.addcmul(dy, y, s, value=-1.0).mul_(r)
 
 
 def dloss_dz(
