@@ -70,12 +70,23 @@ def test_checkpoint_round_trip_keeps_peer_norm_and_optimizer(tmp_path, mnist_dir
     assert all(torch.equal(t2[k], tensors[k]) for k in tensors)
 
 
-@pytest.mark.parametrize("negatives", ["hard", "random"])
-def test_resume_equals_uninterrupted(tmp_path, mnist_dir, negatives):
-    full = cfg(**{"train.epochs": 3, "train.negatives": negatives})
+_SMALL_BP = {"data.train_subset": 2000, "model.hidden": "100,100"}
+
+
+@pytest.mark.parametrize(
+    ("preset", "settings"),
+    [
+        ("smoke", {"train.negatives": "hard"}),
+        ("smoke", {"train.negatives": "random"}),
+        ("mnist-bp", _SMALL_BP),  # the hand-derived SGD step's momentum buffers
+        ("mnist-bp", {**_SMALL_BP, "train.optimizer": "adam", "train.lr": 0.001}),
+    ],
+)
+def test_resume_equals_uninterrupted(tmp_path, mnist_dir, preset, settings):
+    full = cfg(preset, **{"train.epochs": 3, **settings})
     run(tmp_path, "full", full, mnist_dir)
     # the same run, stopped after one epoch, then resumed to the end
-    first = cfg(**{"train.epochs": 3, "train.negatives": negatives})
+    first = cfg(preset, **{"train.epochs": 3, **settings})
     exp = runs.build_experiment(first, str(mnist_dir), CPU)
     part = tmp_path / "part"
 
