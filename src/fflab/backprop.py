@@ -128,7 +128,7 @@ def sgd_step_(net: BPNet, optimizer: torch.optim.SGD, x: Tensor, y: Tensor) -> T
     params, bufs = [], []
     for i in reversed(range(len(mods))):
         m, h = mods[i], hs[i]
-        if i > 0:  # the lower layer's dz, before its weights move
+        if i > 0:  # gradient with respect to this module's input (weights move only at the end)
             dh = dz @ m.weight  # (B, in)
         wbuf = _momentum_buffer(optimizer, m.weight).addmm_(dz.t(), h, beta=mom)
         bbuf = _momentum_buffer(optimizer, m.bias).mul_(mom).add_(dz.sum(0))
