@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fflab.ff.functional import goodness, peer_norm_dz
 from fflab.ff.model import NEUTRAL, FFNet, FFNetConfig
@@ -52,6 +53,21 @@ def test_fast_step_gradients_equal_autograd_of_local_losses(kind, mode):
     for (gw, gb), m in zip(got, net.layers, strict=True):
         assert torch.allclose(gw, m.weight.grad, atol=1e-12)
         assert torch.allclose(gb, m.bias.grad, atol=1e-12)
+
+
+def test_head_gradient_equals_autograd_of_cross_entropy():
+    """The softmax head learns from the neutral pass: its gradient is that of cross-entropy."""
+    net = tiny()
+    x, y = batch()
+    captured_grads(net, x, y)
+    got = net.head.weight.grad.clone(), net.head.bias.grad.clone()
+    net.zero_grad(set_to_none=True)
+    feats = net.head_features(net.neutral_activities(x))
+    torch.nn.functional.cross_entropy(net.head(feats), y).backward()
+    torch.testing.assert_close(got[0], net.head.weight.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got[1], net.head.bias.grad, rtol=0, atol=1e-12)
+    # the head starts at zero: its first gradient is (1/C - one-hot) averaged over the batch
+    torch.testing.assert_close(got[1], (0.25 - F.one_hot(y, 4).double()).mean(0))
 
 
 def test_peer_normalization_term_in_gradient():

@@ -53,9 +53,9 @@ class SmoothedSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def fold_(self, p: torch.Tensor, grad: torch.Tensor, columns: slice = slice(None)) -> None:
-        """Smooth a gradient ``grad`` of ``p[:, columns]`` into ``inc`` (small blocks)."""
+        """Smooth a gradient ``grad`` of ``p[..., columns]`` into ``inc`` (small blocks, biases)."""
         mom = self._momentum(p)
-        self._inc(p)[:, columns].lerp_(grad, 1 - mom)
+        self._inc(p)[..., columns].lerp_(grad, 1 - mom)
         self._folded.add(id(p))
 
     @torch.no_grad()
@@ -82,6 +82,21 @@ def _decay_and_step_(params: list, incs: list, lr: float, wd: float) -> None:
     kernel does in one read of ``p`` and ``inc`` (two foreach passes otherwise).
     """
     fused = FUSED_SGD and all(p.device.type in ("cpu", "cuda") for p in params)
+    if fused and len({(p.device, p.dtype) for p in params}) == 1:
+        # the kernel itself: torch.optim's wrapper regroups by device and dtype on every call
+        torch._fused_sgd_(
+            params,
+            incs,
+            [],
+            weight_decay=wd,
+            momentum=0.0,
+            lr=lr,
+            dampening=0.0,
+            nesterov=False,
+            maximize=False,
+            is_first_step=False,
+        )
+        return
     _functional_sgd(
         params,
         incs,

@@ -128,8 +128,8 @@ class FFTrainer:
         feats = net.head_features(acts_neu)  # (B, F)
         probs = torch.softmax(net.head(feats), 1)  # (B, C)
         dlogits = (probs - F.one_hot(y, k).to(probs.dtype)) / b  # (B, C)
-        net.head.weight.grad = dlogits.T @ feats
-        net.head.bias.grad = dlogits.sum(0)
+        self._weight_grad(net.head.weight, dlogits.T, feats)
+        self._weight_grad(net.head.bias, dlogits.sum(0))
         if cfg.negatives == "hard":
             y_neg = hard_wrong_labels(y, probs, generator).to(y.device)
         else:
@@ -172,7 +172,7 @@ class FFTrainer:
                 self._first_layer_grad(x, labels, dz, s_lab)
             else:
                 self._weight_grad(layer.weight, dz.T, inputs[i])  # one product, all 2B rows
-            layer.bias.grad = dz.sum(0)
+            self._weight_grad(layer.bias, dz.sum(0))
         for i in range(n_layers):
             if i not in active:
                 net.layers[i].weight.grad = net.layers[i].bias.grad = None
@@ -193,10 +193,11 @@ class FFTrainer:
     def _weight_grad(
         self, w: Tensor, a: Tensor, b: Tensor | None = None, columns: slice = slice(None)
     ) -> None:
-        """Hand the gradient of ``w[:, columns]``, ``a @ b`` (or ``a`` itself), to the optimizer.
+        """Hand the gradient of ``w[..., columns]``, ``a @ b`` (or ``a`` itself), to the optimizer.
 
         Fused: folded into SmoothedSGD's smoothed gradient (a product by one GEMM). Otherwise
-        written into ``w.grad`` (allocated once, every column overwritten each step).
+        written into ``w.grad`` (allocated once, every column overwritten each step). ``w`` is a
+        weight matrix or (with ``b`` None) a bias vector.
         """
         if self.fused:
             if b is None:
@@ -207,7 +208,7 @@ class FFTrainer:
         if w.grad is None:
             w.grad = torch.empty_like(w)
         if b is None:
-            w.grad[:, columns] = a
+            w.grad[..., columns] = a
         else:
             torch.mm(a, b, out=w.grad[:, columns])
 
@@ -215,16 +216,16 @@ class FFTrainer:
         """Weight gradient of layer 0, whose input is ``scale * [label; image]``.
 
         ``dz`` (2B, H_0) stacks positive and negative rows, which share the image and the
-        scale, so the image columns need one product of their sum; the label columns are a
-        scatter-add over ``labels`` (2B,).
+        scale, so the image columns need one product of their sum; the label columns are the
+        product of ``dz`` with the one-hot rows of ``labels`` (2B,).
         """
         net, k, b = self.net, self.net.config.num_classes, x.shape[0]
         w = net.layers[0].weight  # (H_0, C + Dx)
         xr = x[:, k:] if net.config.label_mode == "overlay" else x  # (B, Dx)
         dz = dz * scale.repeat(2).unsqueeze(1)
         self._weight_grad(w, (dz[:b] + dz[b:]).T, xr, slice(k, None))
-        gy = torch.zeros(k, w.shape[0], dtype=w.dtype, device=w.device)
-        self._weight_grad(w, gy.index_add_(0, labels, dz).T, columns=slice(None, k))  # (H_0, C)
+        onehot = F.one_hot(labels, k).to(dz.dtype)  # (2B, C)
+        self._weight_grad(w, dz.T, onehot, slice(None, k))
 
     def train_epoch(
         self,
