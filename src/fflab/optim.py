@@ -82,34 +82,14 @@ def _decay_and_step_(params: list, incs: list, lr: float, wd: float) -> None:
     kernel does in one read of ``p`` and ``inc`` (two foreach passes otherwise).
     """
     fused = FUSED_SGD and all(p.device.type in ("cpu", "cuda") for p in params)
+    hyper = {"weight_decay": wd, "momentum": 0.0, "lr": lr, "dampening": 0.0}
+    hyper.update(nesterov=False, maximize=False)
     if fused and len({(p.device, p.dtype) for p in params}) == 1:
         # the kernel itself: torch.optim's wrapper regroups by device and dtype on every call
-        torch._fused_sgd_(
-            params,
-            incs,
-            [],
-            weight_decay=wd,
-            momentum=0.0,
-            lr=lr,
-            dampening=0.0,
-            nesterov=False,
-            maximize=False,
-            is_first_step=False,
-        )
+        torch._fused_sgd_(params, incs, [], is_first_step=False, **hyper)
         return
-    _functional_sgd(
-        params,
-        incs,
-        [None] * len(params),
-        fused=fused,
-        foreach=None if fused else True,
-        weight_decay=wd,
-        momentum=0.0,
-        lr=lr,
-        dampening=0.0,
-        nesterov=False,
-        maximize=False,
-    )
+    foreach = None if fused else True
+    _functional_sgd(params, incs, [None] * len(params), fused=fused, foreach=foreach, **hyper)
 
 
 def hinton_lr_factor(epoch: int, epochs: int) -> float:
