@@ -128,8 +128,8 @@ class FFTrainer:
         feats = net.head_features(acts_neu)  # (B, F)
         probs = torch.softmax(net.head(feats), 1)  # (B, C)
         dlogits = (probs - F.one_hot(y, k).to(probs.dtype)) / b  # (B, C)
-        self._weight_grad(net.head.weight, dlogits.T, feats)
-        self._weight_grad(net.head.bias, dlogits.sum(0))
+        self._param_grad(net.head.weight, dlogits.T, feats)
+        self._param_grad(net.head.bias, dlogits.sum(0))
         if cfg.negatives == "hard":
             y_neg = hard_wrong_labels(y, probs, generator).to(y.device)
         else:
@@ -171,8 +171,8 @@ class FFTrainer:
             if i == 0:
                 self._first_layer_grad(x, labels, dz, s_lab)
             else:
-                self._weight_grad(layer.weight, dz.T, inputs[i])  # one product, all 2B rows
-            self._weight_grad(layer.bias, dz.sum(0))
+                self._param_grad(layer.weight, dz.T, inputs[i])  # one product, all 2B rows
+            self._param_grad(layer.bias, dz.sum(0))
         for i in range(n_layers):
             if i not in active:
                 net.layers[i].weight.grad = net.layers[i].bias.grad = None
@@ -190,7 +190,7 @@ class FFTrainer:
             )
         return self._constants[key]
 
-    def _weight_grad(
+    def _param_grad(
         self, w: Tensor, a: Tensor, b: Tensor | None = None, columns: slice = slice(None)
     ) -> None:
         """Hand the gradient of ``w[..., columns]``, ``a @ b`` (or ``a`` itself), to the optimizer.
@@ -223,9 +223,9 @@ class FFTrainer:
         w = net.layers[0].weight  # (H_0, C + Dx)
         xr = x[:, k:] if net.config.label_mode == "overlay" else x  # (B, Dx)
         dz = dz * scale.repeat(2).unsqueeze(1)
-        self._weight_grad(w, (dz[:b] + dz[b:]).T, xr, slice(k, None))
+        self._param_grad(w, (dz[:b] + dz[b:]).T, xr, slice(k, None))
         onehot = F.one_hot(labels, k).to(dz.dtype)  # (2B, C)
-        self._weight_grad(w, dz.T, onehot, slice(None, k))
+        self._param_grad(w, dz.T, onehot, slice(None, k))
 
     def train_epoch(
         self,
