@@ -63,7 +63,7 @@ def test_head_gradient_equals_autograd_of_cross_entropy():
     got = net.head.weight.grad.clone(), net.head.bias.grad.clone()
     net.zero_grad(set_to_none=True)
     feats = net.head_features(net.neutral_activities(x))
-    torch.nn.functional.cross_entropy(net.head(feats), y).backward()
+    F.cross_entropy(net.head(feats), y).backward()
     torch.testing.assert_close(got[0], net.head.weight.grad, rtol=0, atol=1e-12)
     torch.testing.assert_close(got[1], net.head.bias.grad, rtol=0, atol=1e-12)
     # the head starts at zero: its first gradient is (1/C - one-hot) averaged over the batch

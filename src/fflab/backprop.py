@@ -202,10 +202,10 @@ class BPExperiment:
         self.net.train()
         for start in range(0, n, t.batch_size):
             idx = order[start : start + t.batch_size]
-            loss = self.step(x[idx], y[idx])
-            total += loss.detach()
+            loss = self.step(x[idx], y[idx])  # detached
+            total += loss
             batches += 1
-            on_batch(min(start + t.batch_size, n), {"loss": float(loss.detach())})
+            on_batch(min(start + t.batch_size, n), {"loss": float(loss)})
         return {"loss": float(total / batches), "lr": lr}
 
     def epoch_evaluation(self) -> dict[str, float]:
