@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fflab.ff.functional import goodness, peer_norm_dz
 from fflab.ff.model import NEUTRAL, FFNet, FFNetConfig
@@ -156,6 +157,25 @@ def test_fused_update_equals_gradient_then_step(mode):
         assert torch.allclose(a, b, rtol=0, atol=1e-13)
     moved = nets[0].layers[0].weight - tiny(mode=mode).layers[0].weight
     assert moved[:, :4].abs().min() > 0 and moved[:, 4:].abs().max() > 1e-4  # both blocks learn
+
+
+@pytest.mark.parametrize("negatives", ["hard", "random"])
+def test_step_never_reads_a_tensor_value_on_the_host(negatives):
+    """No .item()-like op in a training step: on CUDA each would stall for the device."""
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    tr = FFTrainer(tiny(peer=0.06), FFTrainConfig(negatives=negatives))
+    x, y = batch()
+    tr.step(x, y, torch.Generator().manual_seed(0))  # first step: creates optimizer state
+    with Record():
+        tr.step(x, y, torch.Generator().manual_seed(1))
+    assert "addmm_.default" in seen  # the recorder saw the step's products
+    assert not [f for f in seen if f.startswith(("_local_scalar_dense", "nonzero", "item"))]
 
 
 def test_greedy_step_updates_only_the_active_layer():

@@ -34,8 +34,8 @@ def hard_wrong_labels(
     drawn with probability ``p_c / sum_{k != y} p_k``. A small ``floor`` keeps every wrong
     class reachable when the classifier is (numerically) certain.
     """
-    w = probs.float().clamp_min(floor)
-    w = w.masked_fill(F.one_hot(labels, probs.shape[1]).bool(), 0.0)
+    w = probs.float().clamp_min(floor)  # a new tensor: probs is left as it is
+    w.scatter_(1, labels.unsqueeze(1), 0.0)
     return torch.multinomial(w, 1, generator=generator).squeeze(1)
 
 

@@ -25,6 +25,11 @@ from fflab.negatives import NEGATIVE_SOURCES, hard_wrong_labels, random_wrong_la
 from fflab.optim import SmoothedSGD, lr_factor
 
 
+def _sumsq(a: Tensor) -> Tensor:
+    """Sum of squares of each row: (N, H) -> (N,), one read of ``a`` (no squared copy)."""
+    return torch.linalg.vector_norm(a, dim=1).square_()
+
+
 @dataclass(frozen=True)
 class FFTrainConfig:
     """Optimization of an FF network (defaults: Hinton's released code)."""
@@ -86,26 +91,32 @@ class FFTrainer:
         # SmoothedSGD takes weight gradients as products folded into its smoothed gradient
         # (see SmoothedSGD.fold_product_); set False to have them written to .grad instead
         self.fused = isinstance(self.optimizer, SmoothedSGD)
-        self._constants: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._cache: dict[tuple, tuple[Tensor, ...]] = {}
 
     def set_lr_factor(self, factor: float) -> None:
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor
 
-    def _pass(self, z0: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    def _pass(
+        self, z0: Tensor, normalize_last: bool = False
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Activities, sums of squares and normalized inputs from first-layer input z0 (N, H_0).
 
         The sum of squares of a layer's activities is both its goodness and (divided by the
         width) the mean square that normalizes it for the next layer, so it is computed once.
+        ``inputs[i]`` (i >= 1) is layer i's input, the normalized activities of layer i - 1;
+        with ``normalize_last`` the last layer's normalized activities are appended too.
         """
         a = torch.relu_(z0)
-        acts, ssq, inputs = [a], [torch.linalg.vecdot(a, a)], [z0]  # inputs[0]: unused
+        acts, ssq, inputs = [a], [_sumsq(a)], [z0]  # inputs[0]: unused
         for layer in self.net.layers[1:]:
             h = a * torch.rsqrt(ssq[-1] / a.shape[1] + RMS_EPS).unsqueeze(1)
             a = torch.relu_(torch.addmm(layer.bias, h, layer.weight.T))
             acts.append(a)
-            ssq.append(torch.linalg.vecdot(a, a))
+            ssq.append(_sumsq(a))
             inputs.append(h)
+        if normalize_last:
+            inputs.append(a * torch.rsqrt(ssq[-1] / a.shape[1] + RMS_EPS).unsqueeze(1))
         return acts, ssq, inputs
 
     @torch.no_grad()
@@ -123,53 +134,54 @@ class FFTrainer:
 
         a_img, sq = net.image_part(x)  # (B, H_0), (B,): shared by every pass
         s_lab = net.label_scale(sq, neutral=False)  # (B,) one-hot label: same for pos and neg
-        # neutral pass: trains the softmax head and proposes hard negative labels
-        acts_neu, _, _ = self._pass(net.first_layer(a_img, net.label_scale(sq, True), None))
-        feats = net.head_features(acts_neu)  # (B, F)
+        widths, theta, target, eye = self._constants(b, x)
+        # neutral pass: trains the softmax head and proposes hard negative labels; the head
+        # reads the normalized activities of layers head_from.. (inputs[head_from + 1:])
+        neutral_z0 = net.first_layer(a_img, net.label_scale(sq, True), None)
+        _, _, inputs_neu = self._pass(neutral_z0, normalize_last=True)
+        feats = torch.cat(inputs_neu[c.head_from + 1 :], 1)  # (B, F)
         probs = torch.softmax(net.head(feats), 1)  # (B, C)
-        dlogits = (probs - F.one_hot(y, k).to(probs.dtype)) / b  # (B, C)
-        self._param_grad(net.head.weight, dlogits.T, feats)
-        self._param_grad(net.head.bias, dlogits.sum(0))
         if cfg.negatives == "hard":
             y_neg = hard_wrong_labels(y, probs, generator).to(y.device)
         else:
             y_neg = random_wrong_labels(y, k, generator)
+        dlogits = probs.sub_(eye.index_select(0, y)).div_(b)  # (B, C), probs is spent
+        self._param_grad(net.head.weight, dlogits.T, feats)
+        self._param_grad(net.head.bias, dlogits.sum(0))
 
         # positive and negative samples stacked: rows [:B] positive, [B:] negative
         labels = torch.cat([y, y_neg])  # (2B,)
-        w0, s2 = net.layers[0].weight, s_lab.repeat(2).unsqueeze(1)  # (2B, 1)
+        s2 = s_lab.repeat(2).unsqueeze(1)  # (2B, 1)
+        label_in = eye.index_select(0, labels).mul_(s2)  # (2B, C): the scaled one-hot rows
+        w0 = net.layers[0].weight
         z_img = torch.addcmul(net.layers[0].bias, a_img, s2[:b])  # (B, H_0)
         wy = w0[:, :k].T.contiguous()  # (C, H_0): rows gathered below, so made contiguous
-        z0 = torch.addcmul(z_img.repeat(2, 1), wy[labels], s2)  # (2B, H_0)
+        z0 = torch.addcmul(z_img.repeat(2, 1), wy.index_select(0, labels), s2)  # (2B, H_0)
         acts, ssq, inputs = self._pass(z0)
 
         # every layer's goodness, loss and dL/dgoodness at once: (L, 2B)
-        widths, theta = self._layer_constants(x)  # (L, 1) each
         g = torch.stack(ssq)  # (L, 2B)
         if c.goodness == "meansq":
             g = g / widths
         sign = goodness_sign(c.goodness)
         logit = sign * (g - theta)
-        target = torch.zeros_like(logit)
-        target[:, :b] = 1.0
         # logistic loss of "positive" with target 1 (positive rows) or 0 (negative rows)
         loss = F.binary_cross_entropy_with_logits(logit, target, reduction="none")
-        stats = torch.stack(
-            [loss[:, :b].mean(1) + loss[:, b:].mean(1), g[:, :b].mean(1), g[:, b:].mean(1)], 1
-        )  # (L, 3)
+        means = torch.stack([loss, g]).view(2, n_layers, 2, b).mean(3)  # (2, L, 2)
+        stats = torch.cat([means[0].sum(1, keepdim=True), means[1]], 1)  # (L, 3)
         # dL/dz = (sigmoid(logit) - target) * sign * dg/da * 1[z > 0] / B, dg/da = scale * a
         scale = 2.0 / widths if c.goodness == "meansq" else 2.0
-        dz_da = (torch.sigmoid(logit) - target).mul_(scale * (sign / b))  # (L, 2B)
+        dz_da = torch.sigmoid(logit).sub_(target).mul_(scale * (sign / b))  # (L, 2B)
         for i in active:
             a = acts[i]
             dz = a * dz_da[i].unsqueeze(1)  # (2B, H_i)
             if c.peer_norm > 0:
                 rm = net.running_mean(i)
-                rm.mul_(c.peer_momentum).add_(a[:b].mean(0), alpha=1 - c.peer_momentum)
-                dz[:b] += peer_norm_dz(rm, c.peer_norm, b)
+                rm.lerp_(a[:b].mean(0), 1 - c.peer_momentum)
+                dz[:b].add_(peer_norm_dz(rm, c.peer_norm, b))
             layer = net.layers[i]
             if i == 0:
-                self._first_layer_grad(x, labels, dz, s_lab)
+                self._first_layer_grad(x, dz, s_lab, label_in)
             else:
                 self._param_grad(layer.weight, dz.T, inputs[i])  # one product, all 2B rows
             self._param_grad(layer.bias, dz.sum(0))
@@ -179,16 +191,22 @@ class FFTrainer:
         self.optimizer.step()
         return stats
 
-    def _layer_constants(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        """Widths and thresholds of the layers as (L, 1) tensors, made once per dtype/device."""
-        key = (like.dtype, like.device)
-        if key not in self._constants:
-            net = self.net
-            self._constants[key] = tuple(
-                torch.tensor(v, dtype=like.dtype, device=like.device).unsqueeze(1)
-                for v in (net.config.hidden, [net.theta(i) for i in range(net.num_layers)])
-            )
-        return self._constants[key]
+    def _constants(self, b: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per-shape constants of a step at batch size ``b``, made once per dtype and device.
+
+        Layer widths and thresholds (L, 1), the loss targets (L, 2B) (1 for the positive rows
+        [:B], 0 for the negative rows) and the identity (C, C), whose rows are one-hot labels.
+        """
+        key = (b, like.dtype, like.device)
+        if key not in self._cache:
+            net, opts = self.net, {"dtype": like.dtype, "device": like.device}
+            widths = torch.tensor(net.config.hidden, **opts).unsqueeze(1)
+            theta = torch.tensor([net.theta(i) for i in range(net.num_layers)], **opts)
+            target = torch.zeros(net.num_layers, 2 * b, **opts)
+            target[:, :b] = 1.0
+            eye = torch.eye(net.config.num_classes, **opts)
+            self._cache[key] = (widths, theta.unsqueeze(1), target, eye)
+        return self._cache[key]
 
     def _param_grad(
         self, w: Tensor, a: Tensor, b: Tensor | None = None, columns: slice = slice(None)
@@ -212,20 +230,19 @@ class FFTrainer:
         else:
             torch.mm(a, b, out=w.grad[:, columns])
 
-    def _first_layer_grad(self, x: Tensor, labels: Tensor, dz: Tensor, scale: Tensor) -> None:
+    def _first_layer_grad(self, x: Tensor, dz: Tensor, scale: Tensor, label_in: Tensor) -> None:
         """Weight gradient of layer 0, whose input is ``scale * [label; image]``.
 
         ``dz`` (2B, H_0) stacks positive and negative rows, which share the image and the
-        scale, so the image columns need one product of their sum; the label columns are the
-        product of ``dz`` with the one-hot rows of ``labels`` (2B,).
+        scale (B,), so the image columns need one product of their sum; the label columns are
+        the product of ``dz`` with the rows' scaled one-hot labels ``label_in`` (2B, C).
         """
         net, k, b = self.net, self.net.config.num_classes, x.shape[0]
         w = net.layers[0].weight  # (H_0, C + Dx)
         xr = x[:, k:] if net.config.label_mode == "overlay" else x  # (B, Dx)
-        dz = dz * scale.repeat(2).unsqueeze(1)
-        self._param_grad(w, (dz[:b] + dz[b:]).T, xr, slice(k, None))
-        onehot = F.one_hot(labels, k).to(dz.dtype)  # (2B, C)
-        self._param_grad(w, dz.T, onehot, slice(None, k))
+        dz_img = torch.add(dz[:b], dz[b:]).mul_(scale.unsqueeze(1))  # (B, H_0)
+        self._param_grad(w, dz_img.T, xr, slice(k, None))
+        self._param_grad(w, dz.T, label_in, slice(None, k))
 
     def train_epoch(
         self,
