@@ -92,6 +92,7 @@ class FFTrainer:
         # (see SmoothedSGD.fold_product_); set False to have them written to .grad instead
         self.fused = isinstance(self.optimizer, SmoothedSGD)
         self._cache: dict[tuple, tuple[Tensor, ...]] = {}
+        self._layers = list(net.layers)  # slicing a ModuleList builds a new module each time
 
     def set_lr_factor(self, factor: float) -> None:
         for g in self.optimizer.param_groups:
@@ -109,7 +110,7 @@ class FFTrainer:
         """
         a = torch.relu_(z0)
         acts, ssq, inputs = [a], [_sumsq(a)], [z0]  # inputs[0]: unused
-        for layer in self.net.layers[1:]:
+        for layer in self._layers[1:]:
             h = a * torch.rsqrt(ssq[-1] / a.shape[1] + RMS_EPS).unsqueeze(1)
             a = torch.relu_(torch.addmm(layer.bias, h, layer.weight.T))
             acts.append(a)
@@ -153,8 +154,8 @@ class FFTrainer:
         labels = torch.cat([y, y_neg])  # (2B,)
         s2 = s_lab.repeat(2).unsqueeze(1)  # (2B, 1)
         label_in = eye.index_select(0, labels).mul_(s2)  # (2B, C): the scaled one-hot rows
-        w0 = net.layers[0].weight
-        z_img = torch.addcmul(net.layers[0].bias, a_img, s2[:b])  # (B, H_0)
+        w0 = self._layers[0].weight
+        z_img = torch.addcmul(self._layers[0].bias, a_img, s2[:b])  # (B, H_0)
         wy = w0[:, :k].T.contiguous()  # (C, H_0): rows gathered below, so made contiguous
         z0 = torch.addcmul(z_img.repeat(2, 1), wy.index_select(0, labels), s2)  # (2B, H_0)
         acts, ssq, inputs = self._pass(z0)
@@ -179,7 +180,7 @@ class FFTrainer:
                 rm = net.running_mean(i)
                 rm.lerp_(a[:b].mean(0), 1 - c.peer_momentum)
                 dz[:b].add_(peer_norm_dz(rm, c.peer_norm, b))
-            layer = net.layers[i]
+            layer = self._layers[i]
             if i == 0:
                 self._first_layer_grad(x, dz, s_lab, label_in)
             else:
