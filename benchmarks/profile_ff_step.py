@@ -3,7 +3,8 @@
     python benchmarks/profile_ff_step.py [--data-dir DIR] [--hidden 1000,1000,1000] [--batch 100]
 
 Times the step (fractions of the 2048 x 2048 matmul rate, FLOPs counted as in bench_ff.py)
-and, for comparison, only the matrix products such a step needs (same shapes, random data),
+and, for comparison, only the matrix products such a step needs (same shapes, random data) and
+the same step on a net 8 units wide (its time is the step's fixed cost of issuing operations),
 three rounds each; then prints torch.profiler's table of 50 steps by self time.
 """
 
@@ -60,6 +61,18 @@ def products_only(hidden: tuple[int, ...], b: int):
     return run
 
 
+def make_step(hidden: tuple[int, ...], b: int, x: torch.Tensor, y: torch.Tensor):
+    """A closure that runs one FF training step on the next batch of (x, y)."""
+    net = FFNet(FFNetConfig(hidden=hidden), generator=torch.Generator().manual_seed(0))
+    trainer, gen, state = FFTrainer(net, FFTrainConfig()), torch.Generator().manual_seed(0), [0]
+
+    def step():
+        i = state[0] = (state[0] + 1) % (x.shape[0] // b)
+        trainer.step(x[i * b : (i + 1) * b], y[i * b : (i + 1) * b], gen)
+
+    return step
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default=None)
@@ -70,23 +83,20 @@ def main() -> None:
     hidden, b = tuple(int(h) for h in args.hidden.split(",")), args.batch
     ds = load_mnist(args.data_dir)
     x, y = ds.train.x[:20000], ds.train.y[:20000]
-    net = FFNet(FFNetConfig(hidden=hidden), generator=torch.Generator().manual_seed(0))
-    trainer, gen, state = FFTrainer(net, FFTrainConfig()), torch.Generator().manual_seed(0), [0]
-
-    def step():
-        i = state[0] = (state[0] + 1) % (x.shape[0] // b)
-        trainer.step(x[i * b : (i + 1) * b], y[i * b : (i + 1) * b], gen)
-
+    step = make_step(hidden, b, x, y)
+    # the same step with 8 units per layer: almost no arithmetic, so its time is the fixed
+    # cost of issuing the step's operations (Python, dispatch, tiny kernels)
+    fixed = make_step(tuple(8 for _ in hidden), b, x, y)
     work = flops(hidden)["ff_train"] * b
     gemms = products_only(hidden, b)
     cpu = torch.device("cpu")
     for _ in range(3):
         rate = matmul_rate(cpu)
-        t_step, t_mm = seconds_per_call(step), seconds_per_call(gemms)
+        t_step, t_mm, t_fixed = (seconds_per_call(f) for f in (step, gemms, fixed))
         print(
             f"matmul {rate:.0f} GFLOP/s  step {1e3 * t_step:.2f} ms "
             f"({100 * work / t_step / 1e9 / rate:.0f}%)  products only {1e3 * t_mm:.2f} ms "
-            f"({100 * work / t_mm / 1e9 / rate:.0f}%)",
+            f"({100 * work / t_mm / 1e9 / rate:.0f}%)  width-8 step {1e3 * t_fixed:.2f} ms",
             flush=True,
         )
     with profile(activities=[ProfilerActivity.CPU]) as prof:
