@@ -1,12 +1,15 @@
 """FF vs backprop speed, as fractions of this machine's own float32 matmul rate.
 
-    python benchmarks/bench_ff.py [--data-dir DIR] [--device cpu|cuda] [--quick]
+    python benchmarks/bench_ff.py [--data-dir DIR] [--device cpu|cuda] [--quick] [--rounds N]
 
 For 4 x 2000 and 3 x 1000 at batch 100 and 1000 it measures, in one run: FF training
 samples/s, backprop-twin training samples/s, goodness-scoring and softmax-head inference
 samples/s, and the float32 matmul rate measured right before and after each of them (the rate
-of a shared machine drifts within minutes). FLOPs counted are those of the matrix products each
-algorithm requires (2 * m * n * k per product; elementwise work is not counted):
+of a shared machine drifts within minutes). The four are timed in turn, in N rounds (default
+3, about 1 s each); each figure is the median over the rounds, and the FF/BP time ratio the
+median of each round's ratio (FF and BP timed seconds apart). FLOPs counted are those of the
+matrix products each algorithm requires (2 * m * n * k per product; elementwise work is not
+counted):
 
 - FF training, per sample: layer 0: the image product (shared by the positive, negative and
   neutral passes) and one weight-gradient product (positive and negative share the input
@@ -29,6 +32,7 @@ import json
 import os
 import platform
 import socket
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -65,10 +69,13 @@ def matmul_rate(device, n=2048, seconds=0.7) -> float:
     return best
 
 
-def timed(fn, device, min_seconds: float, warmup: int = 2) -> float:
-    """Seconds per call of ``fn`` (after ``warmup`` calls), over at least ``min_seconds``."""
-    for _ in range(warmup):
+def timed(fn, device, min_seconds: float, warmup: float = 0.25) -> float:
+    """Seconds per call of ``fn`` over at least ``min_seconds``, after ``warmup`` seconds of
+    calls (at least two) that refill the caches the matmul probe before it has flushed."""
+    n, t0 = 0, time.perf_counter()
+    while n < 2 or time.perf_counter() - t0 < warmup:
         fn()
+        n += 1
     sync(device)
     n, t0 = 0, time.perf_counter()
     while True:
@@ -94,7 +101,7 @@ def flops(hidden):
     return {"ff_train": ff_train, "bp_train": bp_train, "goodness": goodness, "softmax": softmax}
 
 
-def bench_one(hidden, batch, x, y, device, min_seconds):
+def bench_one(hidden, batch, x, y, device, min_seconds, n_rounds=3):
     g = torch.Generator(device=device).manual_seed(0)
     init = torch.Generator().manual_seed(0)
     ff = FFNet(FFNetConfig(hidden=hidden), generator=init).to(device)
@@ -121,29 +128,39 @@ def bench_one(hidden, batch, x, y, device, min_seconds):
         ff.head_logits(nxt()[0])
 
     fl = flops(hidden)
-    row = {"hidden": list(hidden), "batch": batch}
-    for name, fn, key in [
+    entries = [
         ("ff_train", ff_step, "ff_train"),
         ("bp_train", bp_step, "bp_train"),
         ("goodness_inference", scoring, "goodness"),
         ("softmax_inference", softmax, "softmax"),
-    ]:
-        before = matmul_rate(device)
-        sec = timed(fn, device, min_seconds)
-        rate = (before + matmul_rate(device)) / 2
-        sps = batch / sec
-        gflops = fl[key] * sps / 1e9
+    ]
+    # rounds of all four, each timing between two matmul probes (a probe ends one timing and
+    # starts the next): each round's FF/BP ratio compares timings seconds apart
+    rounds, probe = [], matmul_rate(device)
+    for _ in range(n_rounds):
+        got = {}
+        for name, fn, key in entries:
+            sec = timed(fn, device, min_seconds)
+            after = matmul_rate(device)
+            sps, rate = batch / sec, (probe + after) / 2
+            gflops = fl[key] * sps / 1e9
+            got[name] = {"samples_per_second": sps, "gflops": gflops, "matmul_gflops": rate}
+            got[name]["fraction_of_matmul"] = gflops / rate
+            probe = after
+        got["ff_bp_time_ratio"] = (
+            got["bp_train"]["samples_per_second"] / got["ff_train"]["samples_per_second"]
+        )
+        rounds.append(got)
+    row = {"hidden": list(hidden), "batch": batch}
+    for name, _, key in entries:  # medians over the rounds
         row[name] = {
-            "samples_per_second": sps,
-            "gflops": gflops,
-            "matmul_gflops": rate,
-            "fraction_of_matmul": gflops / rate,
-            "flops_per_sample": fl[key],
+            k: statistics.median(r[name][k] for r in rounds)
+            for k in ("samples_per_second", "gflops", "matmul_gflops", "fraction_of_matmul")
         }
-    row["ff_bp_time_ratio"] = (
-        row["bp_train"]["samples_per_second"] / row["ff_train"]["samples_per_second"]
-    )
+        row[name]["flops_per_sample"] = fl[key]
+    row["ff_bp_time_ratio"] = statistics.median(r["ff_bp_time_ratio"] for r in rounds)
     row["ff_bp_flop_ratio"] = fl["ff_train"] / fl["bp_train"]
+    row["rounds"] = rounds
     return row
 
 
@@ -152,6 +169,7 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true", help="shorter timings (noisier)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds per entry (median reported)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
     tune_allocator()
@@ -172,11 +190,11 @@ def main(argv=None) -> int:
         x[:, :C] = 0
         y = torch.randint(0, C, (20000,), generator=gen).to(device)
         source = "random"
-    min_seconds = 1.0 if args.quick else 3.0
+    min_seconds = 0.3 if args.quick else 1.0  # per round
     rows = []
     for hidden in [(2000, 2000, 2000, 2000), (1000, 1000, 1000)]:
         for batch in (100, 1000):
-            rows.append(bench_one(hidden, batch, x, y, device, min_seconds))
+            rows.append(bench_one(hidden, batch, x, y, device, min_seconds, args.rounds))
             r = rows[-1]
             print(
                 f"{'x'.join(map(str, hidden)):>19} b={batch:<5}"
