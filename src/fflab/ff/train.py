@@ -30,6 +30,11 @@ def _sumsq(a: Tensor) -> Tensor:
     return torch.linalg.vector_norm(a, dim=1).square_()
 
 
+def _normalized(a: Tensor, ssq: Tensor) -> Tensor:
+    """``rms_normalize(a)`` from the rows' known sums of squares: (N, H), (N,) -> (N, H)."""
+    return a * torch.rsqrt(ssq / a.shape[1] + RMS_EPS).unsqueeze(1)
+
+
 @dataclass(frozen=True)
 class FFTrainConfig:
     """Optimization of an FF network (defaults: Hinton's released code)."""
@@ -111,13 +116,13 @@ class FFTrainer:
         a = torch.relu_(z0)
         acts, ssq, inputs = [a], [_sumsq(a)], [z0]  # inputs[0]: unused
         for layer in self._layers[1:]:
-            h = a * torch.rsqrt(ssq[-1] / a.shape[1] + RMS_EPS).unsqueeze(1)
+            h = _normalized(a, ssq[-1])
             a = torch.relu_(torch.addmm(layer.bias, h, layer.weight.T))
             acts.append(a)
             ssq.append(_sumsq(a))
             inputs.append(h)
         if normalize_last:
-            inputs.append(a * torch.rsqrt(ssq[-1] / a.shape[1] + RMS_EPS).unsqueeze(1))
+            inputs.append(_normalized(a, ssq[-1]))
         return acts, ssq, inputs
 
     @torch.no_grad()
