@@ -135,6 +135,35 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, mnist_dir):
     assert [p.name for p in (tmp_path / "r").iterdir() if p.name.startswith(".")] == []
 
 
+class FakeBar:
+    def __init__(self):
+        self.n, self.postfix = 0, None
+
+    def update(self, k):
+        self.n += k
+
+    def set_postfix(self, values, refresh=False):
+        self.postfix = values
+
+
+def test_batch_values_are_read_at_most_twice_a_second_and_on_the_last_batch():
+    clock, reads, bar = [0.0], [], FakeBar()
+    report = runs.BatchReporter(bar, 1000, "diverged {}".format, every=0.5, clock=lambda: clock[0])
+    for i in range(1, 11):  # 10 batches of 100 images, 0.2 s apart
+        clock[0] = 0.2 * i
+        report(100 * i, lambda i=i: reads.append(i) or {"loss": float(i)})
+    assert reads == [1, 4, 7, 10]  # at 0.2, 0.8 and 1.4 s, then the epoch's last batch
+    assert bar.n == 1000 and bar.postfix == {"loss": "10"}
+
+
+def test_divergence_is_caught_when_values_are_read():
+    report = runs.BatchReporter(FakeBar(), 300, "diverged at loss {}".format, every=10.0)
+    report(100, {"loss": 1.0})  # the first batch is read
+    report(200, {"loss": float("nan")})  # within 10 s of it: not read
+    with pytest.raises(runs.Diverged, match="diverged at loss nan"):
+        report(300, {"loss": float("nan")})  # the last batch always is
+
+
 def test_config_errors():
     with pytest.raises(ConfigError, match="unknown preset 'nope'"):
         presets.resolve("nope")

@@ -205,7 +205,7 @@ class BPExperiment:
             loss = self.step(x[idx], y[idx])  # detached
             total += loss
             batches += 1
-            on_batch(min(start + t.batch_size, n), {"loss": float(loss)})
+            on_batch(min(start + t.batch_size, n), lambda loss=loss: {"loss": float(loss)})
         return {"loss": float(total / batches), "lr": lr}
 
     def epoch_evaluation(self) -> dict[str, float]:

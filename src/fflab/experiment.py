@@ -18,8 +18,12 @@ from torch import Tensor
 from fflab.config import RunConfig
 from fflab.data import Datasets
 
-# on_batch(samples_done_in_epoch, {name: value}) -> None, for progress bars
-BatchCallback = Callable[[int, dict[str, float]], None]
+# on_batch(samples_done_in_epoch, values) -> None, for progress bars and divergence checks.
+# ``values`` is {name: value} or a function returning it: the run loop calls it only when it
+# shows values (about twice a second), so reading them back from a GPU does not stall every
+# step.
+BatchValues = dict[str, float] | Callable[[], dict[str, float]]
+BatchCallback = Callable[[int, BatchValues], None]
 
 
 class Experiment(Protocol):

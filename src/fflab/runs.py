@@ -14,6 +14,7 @@ import math
 import platform
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from tqdm import tqdm
 import fflab
 from fflab import checkpoint, data
 from fflab.config import ConfigError, RunConfig
-from fflab.experiment import ALGORITHMS, Experiment
+from fflab.experiment import ALGORITHMS, BatchValues, Experiment
 from fflab.presets import from_dict
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -35,6 +36,48 @@ class RunError(RuntimeError):
 
 class Diverged(RunError):
     pass
+
+
+class BatchReporter:
+    """The ``on_batch`` callback of one epoch: progress bar and divergence check.
+
+    A batch's values are read (and, when a function, called) at most every ``every`` seconds
+    and always on the epoch's last batch; on a GPU each read waits for the device, so reading
+    every batch would stop the host from queueing the next step while the device works. A
+    non-finite ``loss`` among the values read raises :class:`Diverged` with the message
+    ``diverged(loss)``; one in between is caught by the end-of-epoch check.
+    """
+
+    def __init__(
+        self,
+        bar,
+        total: int,
+        diverged: Callable[[float], str],
+        every: float = 0.5,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.bar, self.total, self.diverged, self.every = bar, total, diverged, every
+        self.clock, self.done, self.shown_at = clock, 0, -math.inf
+
+    def __call__(self, n: int, values: BatchValues) -> None:
+        self.bar.update(n - self.done)
+        self.done = n
+        now = self.clock()
+        if now - self.shown_at < self.every and n < self.total:
+            return
+        self.shown_at = now
+        values = values() if callable(values) else values
+        if not math.isfinite(values.get("loss", 0.0)):
+            raise Diverged(self.diverged(values["loss"]))
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+
+
+def diverged_message(epoch: int, out_dir: Path, loss: float) -> str:
+    """The message of a run that diverged in 0-based ``epoch``."""
+    return (
+        f"training diverged in epoch {epoch + 1} (loss {loss}); "
+        f"kept the checkpoint of epoch {epoch} in {out_dir}"
+    )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -156,19 +199,8 @@ def train(
             mininterval=0.5,
             leave=False,
         )
-        done = 0
-
-        def on_batch(n: int, values: dict[str, float], bar=bar, epoch=epoch) -> None:
-            nonlocal done
-            if not math.isfinite(values.get("loss", 0.0)):
-                raise Diverged(
-                    f"training diverged in epoch {epoch + 1} (loss {values['loss']}); "
-                    f"kept the checkpoint of epoch {epoch} in {out_dir}"
-                )
-            bar.update(n - done)
-            done = n
-            bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
-
+        message = partial(diverged_message, epoch, out_dir)
+        on_batch = BatchReporter(bar, exp.samples_per_epoch, message)
         try:
             m = exp.train_epoch(epoch, epoch_generator(config.seed, epoch, device), on_batch)
         finally:
@@ -177,10 +209,7 @@ def train(
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
         if not math.isfinite(m["loss"]) or not exp.parameters_finite():
-            raise Diverged(
-                f"training diverged in epoch {epoch + 1} (loss {m['loss']}); "
-                f"kept the checkpoint of epoch {epoch} in {out_dir}"
-            )
+            raise Diverged(diverged_message(epoch, out_dir, m["loss"]))
         train_seconds += dt
         m.update(exp.epoch_evaluation())
         wall_seconds += time.perf_counter() - t0

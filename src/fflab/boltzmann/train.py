@@ -164,7 +164,8 @@ def rbm_train_epoch(
         )
         if on_batch is not None:
             done = min(start + batch_size, n)
-            on_batch(done, {"loss": float(recon_sum) / monitored} if monitor else {})
+            mean = recon_sum / monitored if monitor else None  # read only when shown
+            on_batch(done, lambda mean=mean: {} if mean is None else {"loss": float(mean)})
     return {
         "reconstruction_error": float(recon_sum) / monitored,
         "free_energy": float(fe_sum) / monitored,

@@ -54,12 +54,15 @@ class FFExperiment:
         active, local_epoch, length = self._active(epoch)
         self.net.train()
 
-        def report(n: int, stats: Tensor) -> None:
+        def shown(stats: Tensor) -> dict[str, float]:
             rows = stats.tolist()  # one transfer: [loss, goodness+, goodness-] per layer
-            shown = {"loss": sum(r[0] for r in rows)}
+            out = {"loss": sum(r[0] for r in rows)}
             for i, (_, g_pos, g_neg) in enumerate(rows):
-                shown[f"g+{i}"], shown[f"g-{i}"] = g_pos, g_neg
-            on_batch(n, shown)
+                out[f"g+{i}"], out[f"g-{i}"] = g_pos, g_neg
+            return out
+
+        def report(n: int, stats: Tensor) -> None:
+            on_batch(n, lambda: shown(stats))
 
         tr = self.data.train
         stats = self.trainer.train_epoch(
