@@ -11,6 +11,7 @@ from fflab.ff.functional import (
     embed_label,
     ff_loss,
     goodness,
+    goodness_loss_terms,
     label_rows,
     peer_norm_dz,
     positive_logit,
@@ -68,6 +69,26 @@ def test_dloss_dz_matches_autograd(kind, positive):
     (want,) = torch.autograd.grad(loss, z)
     got = dloss_dz(a.detach(), goodness(a.detach(), kind), theta, kind, positive, 6)
     assert torch.allclose(got, want, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["sumsq", "meansq", "minssq"])
+def test_stacked_loss_terms_equal_per_layer_functions(kind):
+    """All layers at once (the trainer's path) = ff_loss and dloss_dz layer by layer."""
+    g = torch.Generator().manual_seed(0)
+    widths, b = [5, 3], 4
+    acts = [torch.relu(torch.randn(2 * b, h, generator=g, dtype=torch.float64)) for h in widths]
+    thetas = [1.0, 2.5]
+    ssq = torch.stack([a.square().sum(1) for a in acts])  # (L, 2B)
+    col = lambda v: torch.tensor(v, dtype=torch.float64).unsqueeze(1)  # noqa: E731
+    target = torch.cat([torch.ones(2, b), torch.zeros(2, b)], 1).double()
+    stats, coef = goodness_loss_terms(ssq, col(thetas), col(widths), target, kind)
+    for i, (a, theta) in enumerate(zip(acts, thetas, strict=True)):
+        gi = goodness(a, kind)
+        torch.testing.assert_close(stats[i, 0], ff_loss(gi[:b], gi[b:], theta, kind))
+        torch.testing.assert_close(stats[i, 1:], torch.stack([gi[:b].mean(), gi[b:].mean()]))
+        for rows, positive in ((slice(None, b), True), (slice(b, None), False)):
+            want = dloss_dz(a[rows], gi[rows], theta, kind, positive, b)
+            torch.testing.assert_close(coef[i, rows].unsqueeze(1) * a[rows], want)
 
 
 def test_peer_norm_raises_underactive_units():

@@ -56,6 +56,31 @@ def ff_loss(g_pos: Tensor, g_neg: Tensor, theta: float, kind: str = "sumsq") -> 
     )
 
 
+def goodness_loss_terms(
+    ssq: Tensor, theta: Tensor, widths: Tensor, target: Tensor, kind: str = "sumsq"
+) -> tuple[Tensor, Tensor]:
+    """Every layer's FF loss statistics and loss gradient coefficients at once.
+
+    ``ssq`` (L, 2B): each layer's sums of squares of activities, rows [:B] positive and [B:]
+    negative; ``theta`` and ``widths`` (L, 1); ``target`` (L, 2B): 1 for positive rows, 0 for
+    negative ones. Returns ``stats`` (L, 3): batch-mean loss, mean positive goodness, mean
+    negative goodness; and ``coef`` (L, 2B) with ``dL/dz = coef * a`` for the batch-mean loss
+    (``a = relu(z)`` is 0 where the ReLU gate is shut, so no mask is needed).
+    """
+    n_layers, b = ssq.shape[0], ssq.shape[1] // 2
+    g = ssq / widths if kind == "meansq" else ssq
+    sign = goodness_sign(kind)
+    logit = sign * (g - theta)
+    # logistic loss of "positive": target 1 on positive rows, 0 on negative rows
+    loss = F.binary_cross_entropy_with_logits(logit, target, reduction="none")
+    means = torch.stack([loss, g]).view(2, n_layers, 2, b).mean(3)  # (2, L, 2)
+    stats = torch.cat([means[0].sum(1, keepdim=True), means[1]], 1)  # (L, 3)
+    # dL/dz = (sigmoid(logit) - target) * sign * dg/da / B with dg/da = scale * a
+    scale = 2.0 / widths if kind == "meansq" else 2.0
+    coef = torch.sigmoid(logit).sub_(target).mul_(scale * (sign / b))  # (L, 2B)
+    return stats, coef
+
+
 def rms_scale(x: Tensor, eps: float = RMS_EPS) -> Tensor:
     """``1 / sqrt(mean(x^2) + eps)`` of each row of ``x``: (..., D) -> (..., 1)."""
     return torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)

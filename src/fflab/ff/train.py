@@ -16,10 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from fflab.ff.functional import RMS_EPS, goodness_sign, peer_norm_dz
+from fflab.ff.functional import RMS_EPS, goodness_loss_terms, peer_norm_dz
 from fflab.ff.model import FFNet
 from fflab.negatives import NEGATIVE_SOURCES, hard_wrong_labels, random_wrong_labels
 from fflab.optim import SmoothedSGD, lr_factor
@@ -134,50 +133,21 @@ class FFTrainer:
         Columns of the stats: FF loss, mean positive goodness, mean negative goodness.
         ``active`` lists the layers that learn (default: all); the head always learns.
         """
-        net, cfg, c = self.net, self.cfg, self.net.config
-        n_layers, b, k = net.num_layers, x.shape[0], c.num_classes
+        net, c = self.net, self.net.config
+        n_layers, b = net.num_layers, x.shape[0]
         active = range(n_layers) if active is None else active
 
         a_img, sq = net.image_part(x)  # (B, H_0), (B,): shared by every pass
-        s_lab = net.label_scale(sq, neutral=False)  # (B,) one-hot label: same for pos and neg
         widths, theta, target, eye = self._constants(b, x)
-        # neutral pass: trains the softmax head and proposes hard negative labels; the head
-        # reads the normalized activities of layers head_from.. (inputs[head_from + 1:])
-        neutral_z0 = net.first_layer(a_img, net.label_scale(sq, True), None)
-        _, _, inputs_neu = self._pass(neutral_z0, normalize_last=True)
-        feats = torch.cat(inputs_neu[c.head_from + 1 :], 1)  # (B, F)
-        probs = torch.softmax(net.head(feats), 1)  # (B, C)
-        if cfg.negatives == "hard":
-            y_neg = hard_wrong_labels(y, probs, generator).to(y.device)
-        else:
-            y_neg = random_wrong_labels(y, k, generator)
-        dlogits = probs.sub_(eye.index_select(0, y)).div_(b)  # (B, C), probs is spent
-        self._param_grad(net.head.weight, dlogits.T, feats)
-        self._param_grad(net.head.bias, dlogits.sum(0))
+        y_neg = self._neutral_phase(a_img, sq, y, eye, generator)
 
-        # positive and negative samples stacked: rows [:B] positive, [B:] negative
+        # positive and negative phases stacked: rows [:B] positive, [B:] negative
         labels = torch.cat([y, y_neg])  # (2B,)
+        s_lab = net.label_scale(sq, neutral=False)  # (B,) one-hot label: same for pos and neg
         s2 = s_lab.repeat(2).unsqueeze(1)  # (2B, 1)
         label_in = eye.index_select(0, labels).mul_(s2)  # (2B, C): the scaled one-hot rows
-        w0 = self._layers[0].weight
-        z_img = torch.addcmul(self._layers[0].bias, a_img, s2[:b])  # (B, H_0)
-        wy = w0[:, :k].T.contiguous()  # (C, H_0): rows gathered below, so made contiguous
-        z0 = torch.addcmul(z_img.repeat(2, 1), wy.index_select(0, labels), s2)  # (2B, H_0)
-        acts, ssq, inputs = self._pass(z0)
-
-        # every layer's goodness, loss and dL/dgoodness at once: (L, 2B)
-        g = torch.stack(ssq)  # (L, 2B)
-        if c.goodness == "meansq":
-            g = g / widths
-        sign = goodness_sign(c.goodness)
-        logit = sign * (g - theta)
-        # logistic loss of "positive" with target 1 (positive rows) or 0 (negative rows)
-        loss = F.binary_cross_entropy_with_logits(logit, target, reduction="none")
-        means = torch.stack([loss, g]).view(2, n_layers, 2, b).mean(3)  # (2, L, 2)
-        stats = torch.cat([means[0].sum(1, keepdim=True), means[1]], 1)  # (L, 3)
-        # dL/dz = (sigmoid(logit) - target) * sign * dg/da * 1[z > 0] / B, dg/da = scale * a
-        scale = 2.0 / widths if c.goodness == "meansq" else 2.0
-        dz_da = torch.sigmoid(logit).sub_(target).mul_(scale * (sign / b))  # (L, 2B)
+        acts, ssq, inputs = self._pass(self._labelled_first_layer(a_img, labels, s2))
+        stats, dz_da = goodness_loss_terms(torch.stack(ssq), theta, widths, target, c.goodness)
         for i in active:
             a = acts[i]
             dz = a * dz_da[i].unsqueeze(1)  # (2B, H_i)
@@ -196,6 +166,39 @@ class FFTrainer:
                 net.layers[i].weight.grad = net.layers[i].bias.grad = None
         self.optimizer.step()
         return stats
+
+    def _neutral_phase(
+        self, a_img: Tensor, sq: Tensor, y: Tensor, eye: Tensor, generator: torch.Generator
+    ) -> Tensor:
+        """The neutral-label pass: trains the softmax head, returns negative labels (B,).
+
+        The head reads the normalized activities of layers head_from.. (``inputs[head_from +
+        1:]`` of the pass); hard negatives are drawn from its probabilities before it learns.
+        """
+        net, c, b = self.net, self.net.config, y.shape[0]
+        z0 = net.first_layer(a_img, net.label_scale(sq, True), None)
+        _, _, inputs = self._pass(z0, normalize_last=True)
+        feats = torch.cat(inputs[c.head_from + 1 :], 1)  # (B, F)
+        probs = torch.softmax(net.head(feats), 1)  # (B, C)
+        if self.cfg.negatives == "hard":
+            y_neg = hard_wrong_labels(y, probs, generator).to(y.device)
+        else:
+            y_neg = random_wrong_labels(y, c.num_classes, generator)
+        dlogits = probs.sub_(eye.index_select(0, y)).div_(b)  # (B, C), probs is spent
+        self._param_grad(net.head.weight, dlogits.T, feats)
+        self._param_grad(net.head.bias, dlogits.sum(0))
+        return y_neg
+
+    def _labelled_first_layer(self, a_img: Tensor, labels: Tensor, s2: Tensor) -> Tensor:
+        """Total input of layer 0 for the stacked rows: (B, H_0), (2B,), (2B, 1) -> (2B, H_0).
+
+        The image part ``a_img`` is shared by the positive and the negative row of an image;
+        a label adds its column of the first weight matrix, scaled like the image by ``s2``.
+        """
+        layer, b, k = self._layers[0], a_img.shape[0], self.net.config.num_classes
+        z_img = torch.addcmul(layer.bias, a_img, s2[:b])  # (B, H_0)
+        wy = layer.weight[:, :k].T.contiguous()  # (C, H_0): rows gathered, so made contiguous
+        return torch.addcmul(z_img.repeat(2, 1), wy.index_select(0, labels), s2)
 
     def _constants(self, b: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Per-shape constants of a step at batch size ``b``, made once per dtype and device.
