@@ -6,8 +6,10 @@ For 4 x 2000 and 3 x 1000 at batch 100 and 1000 it measures, in one run: FF trai
 samples/s, backprop-twin training samples/s, goodness-scoring and softmax-head inference
 samples/s, and the float32 matmul rate measured right before and after each of them (the rate
 of a shared machine drifts within minutes). The four are timed in turn, in N rounds (default
-3, about 1 s each); each figure is the median over the rounds, and the FF/BP time ratio the
-median of each round's ratio (FF and BP timed seconds apart). FLOPs counted are those of the
+3, about 1 s each, each round starting one entry later); an entry's figures are those of its
+median round (by fraction of the matmul rate; the lower middle one for even N), and the FF/BP
+time ratio is the median of the rounds' own ratios (FF and BP timed seconds apart), so it can
+differ slightly from the ratio of the two samples/s shown. FLOPs counted are those of the
 matrix products each algorithm requires (2 * m * n * k per product; elementwise work is not
 counted):
 
@@ -135,11 +137,12 @@ def bench_one(hidden, batch, x, y, device, min_seconds, n_rounds=3):
         ("softmax_inference", softmax, "softmax"),
     ]
     # rounds of all four, each timing between two matmul probes (a probe ends one timing and
-    # starts the next): each round's FF/BP ratio compares timings seconds apart
+    # starts the next), each round starting one entry later; each round's FF/BP ratio compares
+    # timings seconds apart
     rounds, probe = [], matmul_rate(device)
-    for _ in range(n_rounds):
+    for r in range(n_rounds):
         got = {}
-        for name, fn, key in entries:
+        for name, fn, key in entries[r % 4 :] + entries[: r % 4]:
             sec = timed(fn, device, min_seconds)
             after = matmul_rate(device)
             sps, rate = batch / sec, (probe + after) / 2
@@ -152,12 +155,9 @@ def bench_one(hidden, batch, x, y, device, min_seconds, n_rounds=3):
         )
         rounds.append(got)
     row = {"hidden": list(hidden), "batch": batch}
-    for name, _, key in entries:  # medians over the rounds
-        row[name] = {
-            k: statistics.median(r[name][k] for r in rounds)
-            for k in ("samples_per_second", "gflops", "matmul_gflops", "fraction_of_matmul")
-        }
-        row[name]["flops_per_sample"] = fl[key]
+    for name, _, key in entries:  # each entry's median round (by fraction of the matmul rate)
+        by_fraction = sorted(rounds, key=lambda r: r[name]["fraction_of_matmul"])
+        row[name] = {**by_fraction[(len(rounds) - 1) // 2][name], "flops_per_sample": fl[key]}
     row["ff_bp_time_ratio"] = statistics.median(r["ff_bp_time_ratio"] for r in rounds)
     row["ff_bp_flop_ratio"] = fl["ff_train"] / fl["bp_train"]
     row["rounds"] = rounds
@@ -172,6 +172,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="rounds per entry (median reported)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     tune_allocator()
     dev = args.device
     device = torch.device(

@@ -88,7 +88,7 @@ def rbm_train_epoch(
     generator: torch.Generator,
     velocity: dict[str, Tensor] | None = None,
     shuffle: bool = True,
-    on_batch: Callable[[int, dict[str, float]], None] | None = None,
+    on_batch: Callable[[int, Callable[[], dict[str, float]]], None] | None = None,
 ) -> dict[str, float]:
     """Train ``rbm`` in place for one pass over ``data`` (N, V) in minibatches.
 
@@ -103,8 +103,9 @@ def rbm_train_epoch(
     h ~ p(h | v) for CD and h = p(h | v) for PCD, whose chains do not start at the data)
     and ``free_energy`` (F(v) before the batch's update); and ``samples``, the epoch's size.
 
-    on_batch(samples_done, values): called after every batch (for progress bars); every
-    10th batch ``values`` holds ``loss``, the running mean reconstruction error.
+    on_batch(samples_done, values): called after every batch (for progress bars); calling
+    ``values()`` gives ``{"loss": ...}``, the running mean reconstruction error so far (a read
+    from the device, so the caller does it only when it shows the value).
     """
     check_batch(data, rbm.n_visible, "data")
     check_unit_interval(data, "data")
@@ -164,8 +165,7 @@ def rbm_train_epoch(
         )
         if on_batch is not None:
             done = min(start + batch_size, n)
-            mean = recon_sum / monitored if monitor else None  # read only when shown
-            on_batch(done, lambda mean=mean: {} if mean is None else {"loss": float(mean)})
+            on_batch(done, lambda r=recon_sum, m=monitored: {"loss": float(r) / m})
     return {
         "reconstruction_error": float(recon_sum) / monitored,
         "free_energy": float(fe_sum) / monitored,
