@@ -11,26 +11,15 @@ three rounds each; then prints torch.profiler's table of 50 steps by self time.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-from bench_ff import C, D, flops, matmul_rate
+from bench_ff import C, D, flops, matmul_rate, timed
 from torch.profiler import ProfilerActivity, profile
 
 from fflab._runtime import tune_allocator
 from fflab.data import load_mnist
 from fflab.ff.model import FFNet, FFNetConfig
 from fflab.ff.train import FFTrainConfig, FFTrainer
-
-
-def seconds_per_call(fn, seconds: float = 2.0) -> float:
-    for _ in range(3):
-        fn()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        fn()
-        n += 1
-    return (time.perf_counter() - t0) / n
 
 
 def products_only(hidden: tuple[int, ...], b: int):
@@ -92,7 +81,7 @@ def main() -> None:
     cpu = torch.device("cpu")
     for _ in range(3):
         rate = matmul_rate(cpu)
-        t_step, t_mm, t_fixed = (seconds_per_call(f) for f in (step, gemms, fixed))
+        t_step, t_mm, t_fixed = (timed(f, cpu, 2.0) for f in (step, gemms, fixed))
         print(
             f"matmul {rate:.0f} GFLOP/s  step {1e3 * t_step:.2f} ms "
             f"({100 * work / t_step / 1e9 / rate:.0f}%)  products only {1e3 * t_mm:.2f} ms "

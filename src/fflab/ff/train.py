@@ -163,7 +163,7 @@ class FFTrainer:
             self._param_grad(layer.bias, dz.sum(0))
         for i in range(n_layers):
             if i not in active:
-                net.layers[i].weight.grad = net.layers[i].bias.grad = None
+                self._layers[i].weight.grad = self._layers[i].bias.grad = None
         self.optimizer.step()
         return stats
 
@@ -246,9 +246,9 @@ class FFTrainer:
         scale (B,), so the image columns need one product of their sum; the label columns are
         the product of ``dz`` with the rows' scaled one-hot labels ``label_in`` (2B, C).
         """
-        net, k, b = self.net, self.net.config.num_classes, x.shape[0]
-        w = net.layers[0].weight  # (H_0, C + Dx)
-        xr = x[:, k:] if net.config.label_mode == "overlay" else x  # (B, Dx)
+        c, b = self.net.config, x.shape[0]
+        k, w = c.num_classes, self._layers[0].weight  # w: (H_0, C + Dx)
+        xr = x[:, k:] if c.label_mode == "overlay" else x  # (B, Dx)
         dz_img = torch.add(dz[:b], dz[b:]).mul_(scale.unsqueeze(1))  # (B, H_0)
         self._param_grad(w, dz_img.T, xr, slice(k, None))
         self._param_grad(w, dz.T, label_in, slice(None, k))
