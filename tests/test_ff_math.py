@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from fflab.ff.functional import (
     dloss_dz,
+    dropout_mask,
     embed_label,
     ff_loss,
     goodness,
@@ -110,3 +111,26 @@ def test_label_rows_and_embedding():
     assert cat.shape == (2, 10) and torch.equal(cat[:, 4:], x)
     # a row's embedding never depends on its batch-mates
     assert torch.equal(embed_label(x[:1], y[:1], 4, "overlay"), over[:1])
+
+
+def test_dropout_mask_values_and_rate():
+    """Inverted dropout: entries are 0 or 1/(1-p), a fraction p of them 0 (within 5 s.e.)."""
+    g = torch.Generator().manual_seed(0)
+    like = torch.zeros(1, dtype=torch.float64)
+    m = dropout_mask((400, 500), 0.3, g, like)
+    assert m.dtype == torch.float64 and m.shape == (400, 500)
+    assert set(m.unique().tolist()) == {0.0, 1 / 0.7}
+    n = m.numel()
+    assert abs((m == 0).double().mean().item() - 0.3) < 5 * math.sqrt(0.3 * 0.7 / n)
+    assert abs(m.mean().item() - 1.0) < 5 * math.sqrt(0.3 / 0.7 / n)  # unbiased: E[m] = 1
+    # the same generator state gives the same mask
+    assert torch.equal(m, dropout_mask((400, 500), 0.3, torch.Generator().manual_seed(0), like))
+
+
+@pytest.mark.parametrize("field", ["input_dropout", "dropout"])
+@pytest.mark.parametrize("value", [-0.1, 1.0])
+def test_dropout_rate_out_of_range_is_rejected(field, value):
+    from fflab.ff.train import FFTrainConfig
+
+    with pytest.raises(ValueError, match="dropout"):
+        FFTrainConfig(**{field: value})

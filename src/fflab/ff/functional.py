@@ -140,6 +140,17 @@ def label_rows(labels: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
     return out
 
 
+def dropout_mask(
+    shape: tuple[int, ...], p: float, generator: torch.Generator, like: Tensor
+) -> Tensor:
+    """Inverted-dropout mask: 0 with probability p, else 1 / (1 - p); dtype and device of ``like``.
+
+    Drawn on the generator's device, so a CPU generator gives the same masks for any ``like``.
+    """
+    u = torch.rand(shape, generator=generator, device=generator.device)
+    return (u >= p).to(like.device, like.dtype).mul_(1.0 / (1.0 - p))
+
+
 def embed_label(x: Tensor, labels: Tensor, num_classes: int, mode: str = "overlay") -> Tensor:
     """Write labels into inputs: x (B, D), labels (B,) -> (B, D) or (B, C + D).
 

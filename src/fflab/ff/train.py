@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fflab.ff.functional import RMS_EPS, goodness_loss_terms, peer_norm_dz
+from fflab.ff.functional import RMS_EPS, dropout_mask, goodness_loss_terms, peer_norm_dz
 from fflab.ff.model import FFNet
 from fflab.negatives import NEGATIVE_SOURCES, hard_wrong_labels, random_wrong_labels
 from fflab.optim import SmoothedSGD, lr_factor
@@ -53,6 +53,11 @@ class FFTrainConfig:
     lr_schedule: str = "hinton"  # hinton: constant for half the epochs, then linear to 0 | constant
     negatives: str = "hard"  # hard (sampled from the softmax head) | random (uniform wrong label)
     layer_schedule: str = "simultaneous"  # simultaneous (every layer, every batch) | greedy
+    # dropout while training (0: off): input_dropout on the image pixels (one mask per image,
+    # shared by its positive, negative and neutral rows); dropout on the normalized
+    # activities entering every layer above the first, in the positive and negative passes
+    input_dropout: float = 0.0
+    dropout: float = 0.0
     log_test_error: bool = False  # log test error per epoch (time-to-accuracy curves only)
 
     def __post_init__(self) -> None:
@@ -68,6 +73,8 @@ class FFTrainConfig:
             raise ValueError("layer_schedule must be simultaneous or greedy")
         if self.lr <= 0 or self.head_lr <= 0:
             raise ValueError("learning rates must be > 0")
+        if not (0 <= self.input_dropout < 1 and 0 <= self.dropout < 1):
+            raise ValueError("input_dropout and dropout must be in [0, 1)")
 
 
 def make_optimizer(net: FFNet, cfg: FFTrainConfig) -> torch.optim.Optimizer:
@@ -103,7 +110,7 @@ class FFTrainer:
             g["lr"] = g["base_lr"] * factor
 
     def _pass(
-        self, z0: Tensor, normalize_last: bool = False
+        self, z0: Tensor, normalize_last: bool = False, generator: torch.Generator | None = None
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Activities, sums of squares and normalized inputs from first-layer input z0 (N, H_0).
 
@@ -111,11 +118,16 @@ class FFTrainer:
         width) the mean square that normalizes it for the next layer, so it is computed once.
         ``inputs[i]`` (i >= 1) is layer i's input, the normalized activities of layer i - 1;
         with ``normalize_last`` the last layer's normalized activities are appended too.
+        With a ``generator`` and ``cfg.dropout > 0``, every ``inputs[i]`` (i >= 1) is dropped
+        out (the same tensor enters the layer's product and its weight gradient).
         """
+        p = self.cfg.dropout if generator is not None else 0.0
         a = torch.relu_(z0)
         acts, ssq, inputs = [a], [_sumsq(a)], [z0]  # inputs[0]: unused
         for layer in self._layers[1:]:
             h = _normalized(a, ssq[-1])
+            if p > 0:
+                h.mul_(dropout_mask(h.shape, p, generator, h))
             a = torch.relu_(torch.addmm(layer.bias, h, layer.weight.T))
             acts.append(a)
             ssq.append(_sumsq(a))
@@ -136,6 +148,8 @@ class FFTrainer:
         net, c = self.net, self.net.config
         n_layers, b = net.num_layers, x.shape[0]
         active = range(n_layers) if active is None else active
+        if self.cfg.input_dropout > 0:
+            x = x * dropout_mask(x.shape, self.cfg.input_dropout, generator, x)
 
         a_img, sq = net.image_part(x)  # (B, H_0), (B,): shared by every pass
         widths, theta, target, eye = self._constants(b, x)
@@ -146,7 +160,8 @@ class FFTrainer:
         s_lab = net.label_scale(sq, neutral=False)  # (B,) one-hot label: same for pos and neg
         s2 = s_lab.repeat(2).unsqueeze(1)  # (2B, 1)
         label_in = eye.index_select(0, labels).mul_(s2)  # (2B, C): the scaled one-hot rows
-        acts, ssq, inputs = self._pass(self._labelled_first_layer(a_img, labels, s2))
+        z0 = self._labelled_first_layer(a_img, labels, s2)
+        acts, ssq, inputs = self._pass(z0, generator=generator)
         stats, dz_da = goodness_loss_terms(torch.stack(ssq), theta, widths, target, c.goodness)
         for i in active:
             a = acts[i]
