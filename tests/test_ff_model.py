@@ -205,8 +205,9 @@ def test_fused_update_equals_gradient_then_step(mode):
     assert moved[:, :4].abs().min() > 0 and moved[:, 4:].abs().max() > 1e-4  # both blocks learn
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("negatives", ["hard", "random"])
-def test_step_never_reads_a_tensor_value_on_the_host(negatives):
+def test_step_never_reads_a_tensor_value_on_the_host(negatives, dropout):
     """A step reads no tensor value on the host: no op that copies one back (``.item()``,
     ``float(t)``, ``F.one_hot``'s range check) and no ``nonzero`` among its operations. (What
     an op does inside, e.g. multinomial, and ``.cpu()`` on CPU are not seen.)"""
@@ -217,7 +218,8 @@ def test_step_never_reads_a_tensor_value_on_the_host(negatives):
             seen.append(func.__name__)
             return func(*args, **(kwargs or {}))
 
-    tr = FFTrainer(tiny(peer=0.06), FFTrainConfig(negatives=negatives))
+    cfg = FFTrainConfig(negatives=negatives, input_dropout=dropout, dropout=dropout)
+    tr = FFTrainer(tiny(peer=0.06), cfg)
     x, y = batch()
     tr.step(x, y, torch.Generator().manual_seed(0))  # first step: creates optimizer state
     with Record():
