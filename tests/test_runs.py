@@ -53,6 +53,14 @@ def test_run_directory_contents(tmp_path, mnist_dir):
         run(tmp_path, "r", cfg(), mnist_dir)
 
 
+def test_eval_every_evaluates_every_nth_epoch_and_the_last(tmp_path, mnist_dir):
+    config = cfg(**{"data.validation": "true", "data.eval_every": "2", "train.epochs": "3"})
+    s = run(tmp_path, "r", config, mnist_dir)
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [("val_error_goodness" in r) for r in rows] == [False, True, True]
+    assert rows[-1]["val_error_goodness"] == s["val_error_goodness"]  # the same final net
+
+
 def test_checkpoint_round_trip_keeps_peer_norm_and_optimizer(tmp_path, mnist_dir):
     config = cfg()
     run(tmp_path, "r", config, mnist_dir)
@@ -177,6 +185,8 @@ def test_config_errors():
     c = cfg(**{"model.hidden": "300,200", "train.log_test_error": "true"})
     assert c.model.hidden == (300, 200) and c.train.log_test_error is True
     assert cfg(**{"model.threshold": "none"}).model.threshold is None
+    with pytest.raises(ConfigError, match="eval_every >= 1"):
+        cfg(**{"data.eval_every": "0"})
 
 
 def test_every_preset_resolves():

@@ -30,12 +30,16 @@ class DataConfig:
     binarize: str = "none"  # none | sample (Bernoulli, once, fixed seed) | threshold (at 0.5)
     binarize_seed: int = 0
     eval_batch_size: int = 1000
+    # per-epoch evaluation (validation split; test error with train.log_test_error) after
+    # every N-th epoch and the last; goodness scoring of 10,000 images costs C forward passes
+    # of each, about half an epoch of 4 x 2000 training
+    eval_every: int = 1
 
     def __post_init__(self) -> None:
         if self.binarize not in ("none", "sample", "threshold"):
             raise ValueError(f"binarize must be none, sample or threshold, got {self.binarize!r}")
-        if self.train_subset < 0 or self.eval_batch_size < 1:
-            raise ValueError("train_subset must be >= 0 and eval_batch_size >= 1")
+        if self.train_subset < 0 or self.eval_batch_size < 1 or self.eval_every < 1:
+            raise ValueError("train_subset must be >= 0, eval_batch_size and eval_every >= 1")
 
 
 @dataclass(frozen=True)

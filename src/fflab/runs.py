@@ -211,7 +211,8 @@ def train(
         if not math.isfinite(m["loss"]) or not exp.parameters_finite():
             raise Diverged(diverged_message(epoch, out_dir, m["loss"]))
         train_seconds += dt
-        m.update(exp.epoch_evaluation())
+        if (epoch + 1) % config.data.eval_every == 0 or epoch + 1 == exp.epochs:
+            m.update(exp.epoch_evaluation())
         wall_seconds += time.perf_counter() - t0
         m = {
             "epoch": epoch + 1,
