@@ -1,12 +1,14 @@
 """Training Forward-Forward networks: Hinton's recipe as a fast, hand-derived update.
 
-Each minibatch runs the neutral-label pass together with the positive pass (one stacked
-matrix product per layer), trains the softmax head on the neutral activities, draws negative
-labels (hard: from the head's probabilities over wrong classes; or uniformly random), runs the
-negative pass, and updates every active layer with its own local gradient: two matrix
-products per layer and pass (forward and weight gradient), never a gradient with respect to a
-layer's input. The first layer's image product is shared by all three passes, and positive and
+Each minibatch runs the neutral-label pass, trains the softmax head on its activities and
+draws negative labels (hard: from the head's probabilities over wrong classes; or uniformly
+random), then runs the positive and negative passes stacked (one matrix product per layer
+for both) and updates every active layer with its own local gradient: two matrix products
+per layer and pass (forward and weight gradient), never a gradient with respect to a layer's
+input. The first layer's image product is shared by all three passes, and positive and
 negative samples share one weight-gradient product there (they have the same input scale).
+Optional dropout (``FFTrainConfig.input_dropout``, ``dropout``) masks the image (in every
+pass) and the inputs of layers 2..L (in the positive and negative passes).
 
 The gradients equal autograd's on :meth:`FFNet.layer_losses` (checked in the tests).
 """
