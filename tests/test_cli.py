@@ -70,6 +70,7 @@ def test_cuda_without_gpu_is_a_usage_error(tmp_path, mnist_dir):
 
 
 def test_missing_data_is_a_runtime_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("FFLAB_DATA", raising=False)  # it would be searched after --data-dir
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("FFLAB_MIRRORS", "http://127.0.0.1:9/")
     (tmp_path / "empty").mkdir()
