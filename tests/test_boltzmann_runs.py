@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from run_helpers import assert_same_checkpoints, train_interrupted
 
 from fflab import checkpoint, presets, runs
 from fflab.boltzmann import RBM, exact_log_z
@@ -93,27 +94,8 @@ def test_rbm_resume_equals_uninterrupted_with_pcd_and_momentum(tmp_path, mnist_d
     s_full = runs.train(full, tmp_path / "full", device=CPU, data_dir=mnist_dir, progress=False)
     # the same run, stopped in its second epoch, then resumed to the end
     first = cfg("rbm-smoke", **settings)
-    exp = runs.build_experiment(first, str(mnist_dir), CPU)
-
-    class Stop(Exception):
-        pass
-
-    orig = exp.train_epoch
-
-    def stop_in_second_epoch(epoch, g, cb):
-        if epoch == 1:
-            raise Stop
-        return orig(epoch, g, cb)
-
-    build = runs.build_experiment
-    runs.build_experiment = lambda *a: exp
-    exp.train_epoch = stop_in_second_epoch
     part = tmp_path / "part"
-    try:
-        with pytest.raises(Stop):
-            runs.train(first, part, device=CPU, data_dir=mnist_dir, progress=False)
-    finally:
-        runs.build_experiment = build
+    train_interrupted(first, part, mnist_dir)
     tensors, meta = checkpoint.load(part / runs.CHECKPOINT)
     assert meta["epochs_done"] == 1
     # the checkpoint carries the persistent chains and the momentum velocities
@@ -123,11 +105,7 @@ def test_rbm_resume_equals_uninterrupted_with_pcd_and_momentum(tmp_path, mnist_d
     assert tensors["velocity.W"].abs().sum() > 0
 
     s_part = runs.train(None, part, device=CPU, data_dir=mnist_dir, progress=False, resume=True)
-    a = checkpoint.load(tmp_path / "full" / runs.CHECKPOINT)[0]
-    b = checkpoint.load(part / runs.CHECKPOINT)[0]
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_checkpoints(tmp_path / "full", part)
     for key in ("test_logprob", "log_z", "log_z_exact"):
         assert s_full[key] == s_part[key], key
     epochs = [json.loads(x)["epoch"] for x in (part / "metrics.jsonl").read_text().splitlines()]

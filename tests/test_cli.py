@@ -19,6 +19,11 @@ def fflab(*args, cwd=None):
     return r.returncode, r.stdout, r.stderr
 
 
+def train_smoke(out, data_dir, *extra):
+    """``fflab train --preset smoke`` into ``out`` with data from ``data_dir``."""
+    return fflab("train", "--preset", "smoke", "--out", out, "--data-dir", data_dir, *extra)
+
+
 def one_line_error(err):
     lines = [x for x in err.splitlines() if x.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err
@@ -54,17 +59,7 @@ def test_usage_errors_exit_2(tmp_path, args, needle):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_cuda_without_gpu_is_a_usage_error(tmp_path, mnist_dir):
-    code, _, err = fflab(
-        "train",
-        "--preset",
-        "smoke",
-        "--device",
-        "cuda",
-        "--out",
-        tmp_path / "r",
-        "--data-dir",
-        mnist_dir,
-    )
+    code, _, err = train_smoke(tmp_path / "r", mnist_dir, "--device", "cuda")
     assert code == 2 and "no CUDA GPU" in one_line_error(err)
     assert not (tmp_path / "r").exists()
 
@@ -74,16 +69,7 @@ def test_missing_data_is_a_runtime_error(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("FFLAB_MIRRORS", "http://127.0.0.1:9/")
     (tmp_path / "empty").mkdir()
-    code, _, err = fflab(
-        "train",
-        "--preset",
-        "smoke",
-        "--out",
-        tmp_path / "r",
-        "--data-dir",
-        tmp_path / "empty",
-        "--quiet",
-    )
+    code, _, err = train_smoke(tmp_path / "r", tmp_path / "empty", "--quiet")
     line = one_line_error(err)
     assert code == 1 and "train-images-idx3-ubyte.gz" in line and "--data-dir" in line
     assert not (tmp_path / "r").exists()
@@ -92,16 +78,14 @@ def test_missing_data_is_a_runtime_error(tmp_path, monkeypatch):
 
 def test_train_eval_and_resume_refusals(tmp_path, mnist_dir):
     out = tmp_path / "r"
-    code, stdout, err = fflab(
-        "train", "--preset", "smoke", "--out", out, "--data-dir", mnist_dir, "--epochs", "1"
-    )
+    code, stdout, err = train_smoke(out, mnist_dir, "--epochs", "1")
     assert code == 0, err
     assert "test_error_goodness" in stdout and "test_error_softmax" in stdout
     summary = json.loads((out / "summary.json").read_text())
     code, stdout, err = fflab("eval", out, "--data-dir", mnist_dir, "--quiet")
     assert code == 0, err
     assert f"{summary['test_error_goodness']:.4f}" in stdout
-    code, _, err = fflab("train", "--preset", "smoke", "--out", out, "--data-dir", mnist_dir)
+    code, _, err = train_smoke(out, mnist_dir)
     assert code == 1 and "already holds a run" in one_line_error(err)
     code, _, err = fflab("train", "--resume", out, "--preset", "smoke")
     assert code == 2 and "--resume takes the run's own config" in one_line_error(err)
@@ -111,21 +95,7 @@ def test_train_eval_and_resume_refusals(tmp_path, mnist_dir):
 
 def test_corrupt_checkpoint_is_a_runtime_error(tmp_path, mnist_dir):
     out = tmp_path / "r"
-    assert (
-        fflab(
-            "train",
-            "--preset",
-            "smoke",
-            "--out",
-            out,
-            "--data-dir",
-            mnist_dir,
-            "--epochs",
-            "1",
-            "--quiet",
-        )[0]
-        == 0
-    )
+    assert train_smoke(out, mnist_dir, "--epochs", "1", "--quiet")[0] == 0
     (out / "checkpoint.safetensors").write_bytes(b"\0" * 100)
     code, _, err = fflab("eval", out, "--data-dir", mnist_dir)
     assert code == 1 and "unreadable" in one_line_error(err)
@@ -133,19 +103,8 @@ def test_corrupt_checkpoint_is_a_runtime_error(tmp_path, mnist_dir):
 
 def test_diverging_run_exits_1_and_keeps_checkpoint(tmp_path, mnist_dir):
     out = tmp_path / "r"
-    code, _, err = fflab(
-        "train",
-        "--preset",
-        "smoke",
-        "--out",
-        out,
-        "--data-dir",
-        mnist_dir,
-        "--set",
-        "train.lr=1e30",
-        "--set",
-        "train.lr_schedule=constant",
-        "--quiet",
+    code, _, err = train_smoke(
+        out, mnist_dir, "--set", "train.lr=1e30", "--set", "train.lr_schedule=constant", "--quiet"
     )
     assert code == 1 and "diverged in epoch 1" in one_line_error(err)
     assert not (out / "checkpoint.safetensors").exists()  # no epoch completed: nothing to keep

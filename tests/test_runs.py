@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from run_helpers import assert_same_checkpoints, train_interrupted
 
 from fflab import checkpoint, presets, runs
 from fflab.config import ConfigError, parse_overrides
@@ -95,34 +96,11 @@ def test_resume_equals_uninterrupted(tmp_path, mnist_dir, preset, settings):
     run(tmp_path, "full", full, mnist_dir)
     # the same run, stopped after one epoch, then resumed to the end
     first = cfg(preset, **{"train.epochs": 3, **settings})
-    exp = runs.build_experiment(first, str(mnist_dir), CPU)
     part = tmp_path / "part"
-
-    class Stop(Exception):
-        pass
-
-    orig = exp.train_epoch
-
-    def stop_in_second_epoch(epoch, g, cb):
-        if epoch == 1:
-            raise Stop
-        return orig(epoch, g, cb)
-
-    runs_build = runs.build_experiment
-    runs.build_experiment = lambda *a: exp
-    exp.train_epoch = stop_in_second_epoch
-    try:
-        with pytest.raises(Stop):
-            runs.train(first, part, device=CPU, data_dir=mnist_dir, progress=False)
-    finally:
-        runs.build_experiment = runs_build
+    train_interrupted(first, part, mnist_dir)
     assert checkpoint.load(part / runs.CHECKPOINT)[1]["epochs_done"] == 1
     runs.train(None, part, device=CPU, data_dir=mnist_dir, progress=False, resume=True)
-    a = checkpoint.load(tmp_path / "full" / runs.CHECKPOINT)[0]
-    b = checkpoint.load(part / runs.CHECKPOINT)[0]
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_checkpoints(tmp_path / "full", part)
     epochs = [json.loads(x)["epoch"] for x in (part / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3]
 

@@ -106,6 +106,18 @@ class RBMConfig:
             raise ValueError("n_visible and n_hidden must be >= 1")
 
 
+def _lr_and_momentum(t: RBMTrainConfig | BMTrainConfig, epoch: int) -> tuple[float, float]:
+    """Learning rate and momentum of 0-based ``epoch`` under a Boltzmann train config."""
+    lr = t.lr * lr_factor(epoch, t.epochs, t.lr_schedule)
+    momentum = momentum_schedule(
+        epoch,
+        initial=t.momentum_initial,
+        final=t.momentum_final,
+        switch_epoch=t.momentum_switch_epoch,
+    )
+    return lr, momentum
+
+
 @dataclass(frozen=True)
 class RBMTrainConfig:
     """How an RBM learns and how it is evaluated.
@@ -261,13 +273,7 @@ class RBMExperiment(_MomentumState):
 
     def train_epoch(self, epoch: int, generator: torch.Generator, on_batch) -> dict[str, float]:
         t = self.config.train
-        lr = t.lr * lr_factor(epoch, t.epochs, t.lr_schedule)
-        momentum = momentum_schedule(
-            epoch,
-            initial=t.momentum_initial,
-            final=t.momentum_final,
-            switch_epoch=t.momentum_switch_epoch,
-        )
+        lr, momentum = _lr_and_momentum(t, epoch)
         k = t.k_at(epoch)
         stats = rbm_train_epoch(
             self.rbm,
@@ -479,13 +485,7 @@ class BMExperiment(_MomentumState):
 
     def train_epoch(self, epoch: int, generator: torch.Generator, on_batch) -> dict[str, float]:
         t = self.config.train
-        lr = t.lr * lr_factor(epoch, t.epochs, t.lr_schedule)
-        momentum = momentum_schedule(
-            epoch,
-            initial=t.momentum_initial,
-            final=t.momentum_final,
-            switch_epoch=t.momentum_switch_epoch,
-        )
+        lr, momentum = _lr_and_momentum(t, epoch)
         n = self.train_x.shape[0]
         order = torch.randperm(n, generator=generator, device=generator.device)
         for start in range(0, n, t.batch_size):
