@@ -11,7 +11,8 @@ from run_helpers import assert_same_checkpoints, train_interrupted
 
 from fflab import checkpoint, presets, runs
 from fflab.boltzmann import RBM, exact_log_z
-from fflab.boltzmann.experiment import RBMTrainConfig, enumerate_rbm_log_z, pool_binary
+from fflab.boltzmann.bm_experiment import pool_binary
+from fflab.boltzmann.rbm_experiment import RBMTrainConfig, enumerate_rbm_log_z
 from fflab.cli import main
 from fflab.config import ConfigError, parse_overrides
 

@@ -90,14 +90,14 @@ ALGORITHMS = {
     ),
     "rbm": Algorithm(
         "rbm",
-        "fflab.boltzmann.experiment:RBMConfig",
-        "fflab.boltzmann.experiment:RBMTrainConfig",
-        "fflab.boltzmann.experiment:build_rbm",
+        "fflab.boltzmann.rbm_experiment:RBMConfig",
+        "fflab.boltzmann.rbm_experiment:RBMTrainConfig",
+        "fflab.boltzmann.rbm_experiment:build_rbm",
     ),
     "bm": Algorithm(
         "bm",
-        "fflab.boltzmann.experiment:BMConfig",
-        "fflab.boltzmann.experiment:BMTrainConfig",
-        "fflab.boltzmann.experiment:build_bm",
+        "fflab.boltzmann.bm_experiment:BMConfig",
+        "fflab.boltzmann.bm_experiment:BMTrainConfig",
+        "fflab.boltzmann.bm_experiment:build_bm",
     ),
 }

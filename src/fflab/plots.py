@@ -160,7 +160,7 @@ def boltzmann_figures(
 
     import torch
 
-    from fflab.boltzmann.experiment import load_rbm, rbm_gibbs_samples
+    from fflab.boltzmann.rbm_experiment import load_rbm, rbm_gibbs_samples
 
     run_dir = Path(run_dir)
     rbm = load_rbm(run_dir)
