@@ -147,6 +147,32 @@ def _environment(device: torch.device) -> dict[str, Any]:
     }
 
 
+def _train_epoch(
+    exp, epoch: int, seed: int, device: torch.device, out_dir: Path, progress: bool
+) -> dict[str, Any]:
+    """Train 0-based ``epoch`` under a progress bar; raise :class:`Diverged` if it blew up."""
+    bar = tqdm(
+        total=exp.samples_per_epoch,
+        desc=f"epoch {epoch + 1}/{exp.epochs}",
+        unit="img",
+        unit_scale=True,
+        disable=not progress,
+        mininterval=0.5,
+        leave=False,
+    )
+    message = partial(diverged_message, epoch, out_dir)
+    on_batch = BatchReporter(bar, exp.samples_per_epoch, message)
+    try:
+        m = exp.train_epoch(epoch, epoch_generator(seed, epoch, device), on_batch)
+    finally:
+        bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if not math.isfinite(m["loss"]) or not exp.parameters_finite():
+        raise Diverged(diverged_message(epoch, out_dir, m["loss"]))
+    return m
+
+
 def train(
     config: RunConfig | None,
     out_dir: Path,
@@ -190,26 +216,8 @@ def train(
 
     for epoch in range(start_epoch, exp.epochs):
         t0 = time.perf_counter()
-        bar = tqdm(
-            total=exp.samples_per_epoch,
-            desc=f"epoch {epoch + 1}/{exp.epochs}",
-            unit="img",
-            unit_scale=True,
-            disable=not progress,
-            mininterval=0.5,
-            leave=False,
-        )
-        message = partial(diverged_message, epoch, out_dir)
-        on_batch = BatchReporter(bar, exp.samples_per_epoch, message)
-        try:
-            m = exp.train_epoch(epoch, epoch_generator(config.seed, epoch, device), on_batch)
-        finally:
-            bar.close()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        m = _train_epoch(exp, epoch, config.seed, device, out_dir, progress)
         dt = time.perf_counter() - t0
-        if not math.isfinite(m["loss"]) or not exp.parameters_finite():
-            raise Diverged(diverged_message(epoch, out_dir, m["loss"]))
         train_seconds += dt
         if (epoch + 1) % config.data.eval_every == 0 or epoch + 1 == exp.epochs:
             m.update(exp.epoch_evaluation())
