@@ -43,7 +43,7 @@ PRESETS: dict[str, Preset] = {
             "ff",
             "Hinton's released code: 3 x 1000, 100 epochs, hard negatives, peer normalization",
             "his code: 1.47% (another run 1.65%); fflab, 2-core CPU: 1.28-1.42% over seeds "
-            "0-3 (mean 1.35%) in 20-30 min",
+            "0-4 (mean 1.35%) in 20-30 min",
             {"model": {"hidden": [1000, 1000, 1000]}, "train": {**_HINTON, "epochs": 100}},
         ),
         Preset(
