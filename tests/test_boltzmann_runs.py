@@ -11,7 +11,7 @@ from run_helpers import assert_same_checkpoints, train_interrupted
 
 from fflab import checkpoint, presets, runs
 from fflab.boltzmann import RBM, exact_log_z
-from fflab.boltzmann.bm_experiment import pool_binary
+from fflab.boltzmann.bm_experiment import BMTrainConfig, pool_binary
 from fflab.boltzmann.rbm_experiment import RBMTrainConfig, enumerate_rbm_log_z
 from fflab.cli import main
 from fflab.config import ConfigError, parse_overrides
@@ -149,6 +149,24 @@ def test_enumerate_rbm_log_z_refuses_too_many_units():
     rbm = RBM(40, 31)
     with pytest.raises(ValueError, match="cannot enumerate 31 units"):
         enumerate_rbm_log_z(rbm.W, rbm.b_v, rbm.b_h)
+
+
+@pytest.mark.parametrize("config", [RBMTrainConfig, BMTrainConfig])
+@pytest.mark.parametrize(
+    ("setting", "needle"),
+    [
+        ({"epochs": 0}, "epochs and batch_size"),
+        ({"lr": 0.0}, "lr must be > 0"),
+        ({"lr_schedule": "cosine"}, "lr_schedule must be"),
+        ({"momentum_final": 1.0}, "momentum_final must be in"),
+        ({"momentum_switch_epoch": -1}, "momentum_switch_epoch"),
+        ({"weight_decay": -1e-4}, "weight_decay"),
+    ],
+)
+def test_train_configs_reject_bad_optimizer_settings(config, setting, needle):
+    config()  # the defaults are valid
+    with pytest.raises(ValueError, match=needle):
+        config(**setting)
 
 
 def test_k_schedule_ramps_linearly_then_stays():

@@ -26,7 +26,7 @@ from fflab.data import Datasets, Split
 
 from .bm import BoltzmannMachine
 from .exact import MAX_EXACT_UNITS, exact_log_prob, exact_log_z
-from .experiment import MomentumState, check_positive, lr_and_momentum
+from .experiment import MomentumState, check_optimizer_settings, lr_and_momentum
 
 
 def pool_binary(
@@ -91,19 +91,11 @@ class BMTrainConfig:
     n_chains: int = 100
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.n_chains < 1:
-            raise ValueError("epochs, batch_size and n_chains must be >= 1")
-        if self.positive_sweeps < 1 or self.negative_sweeps < 1:
-            raise ValueError("positive_sweeps and negative_sweeps must be >= 1")
-        check_positive("lr", self.lr)
-        if self.lr_schedule not in ("constant", "hinton"):
-            raise ValueError(f"lr_schedule must be constant or hinton, got {self.lr_schedule!r}")
+        check_optimizer_settings(self)
+        if self.n_chains < 1 or self.positive_sweeps < 1 or self.negative_sweeps < 1:
+            raise ValueError("n_chains, positive_sweeps and negative_sweeps must be >= 1")
         if self.positive not in ("gibbs", "mean_field"):
             raise ValueError(f"positive must be gibbs or mean_field, got {self.positive!r}")
-        if not 0.0 <= self.momentum_initial < 1.0 or not 0.0 <= self.momentum_final < 1.0:
-            raise ValueError("momenta must be in [0, 1)")
-        if self.weight_decay < 0:
-            raise ValueError("weight_decay must be >= 0")
 
 
 class BMExperiment(MomentumState):

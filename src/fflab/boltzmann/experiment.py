@@ -20,9 +20,20 @@ def is_binary(x: Tensor) -> bool:
     return bool(((x == 0) | (x == 1)).all())
 
 
-def check_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
+def check_optimizer_settings(t) -> None:
+    """Check the settings every Boltzmann train config ``t`` shares: epochs, batch size, the
+    learning rate and its schedule, the two momenta and their switch, the weight decay."""
+    if t.epochs < 1 or t.batch_size < 1:
+        raise ValueError("epochs and batch_size must be >= 1")
+    if not t.lr > 0:
+        raise ValueError(f"lr must be > 0, got {t.lr!r}")
+    if t.lr_schedule not in ("constant", "hinton"):
+        raise ValueError(f"lr_schedule must be constant or hinton, got {t.lr_schedule!r}")
+    for name in ("momentum_initial", "momentum_final"):
+        if not 0.0 <= getattr(t, name) < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {getattr(t, name)!r}")
+    if t.weight_decay < 0 or t.momentum_switch_epoch < 0:
+        raise ValueError("weight_decay and momentum_switch_epoch must be >= 0")
 
 
 class MomentumState:

@@ -28,7 +28,7 @@ from fflab.data import Datasets
 from ._checks import bernoulli
 from .ais import ais_log_z, make_base_rate_visible_bias
 from .exact import binary_states
-from .experiment import MomentumState, check_positive, is_binary, lr_and_momentum
+from .experiment import MomentumState, check_optimizer_settings, is_binary, lr_and_momentum
 from .rbm import RBM, free_energy, visible_probs
 from .train import rbm_train_epoch
 
@@ -85,16 +85,9 @@ class RBMTrainConfig:
     exact_max_units: int = 25
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.k < 1:
-            raise ValueError("epochs, batch_size and k must be >= 1")
-        check_positive("lr", self.lr)
-        if self.lr_schedule not in ("constant", "hinton"):
-            raise ValueError(f"lr_schedule must be constant or hinton, got {self.lr_schedule!r}")
-        for name in ("momentum_initial", "momentum_final"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if self.weight_decay < 0 or self.momentum_switch_epoch < 0:
-            raise ValueError("weight_decay and momentum_switch_epoch must be >= 0")
+        check_optimizer_settings(self)
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
         if self.k_final < 0 or self.k_ramp_epochs < 0:
             raise ValueError("k_final and k_ramp_epochs must be >= 0")
         if self.ais_chains < 2 or self.ais_betas < 3:
