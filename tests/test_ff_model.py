@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import fflab.ff.train as ff_train
-from fflab.ff.functional import embed_label, ff_loss, goodness, peer_norm_dz, rms_normalize
+from fflab.ff.functional import goodness, peer_norm_dz
 from fflab.ff.model import NEUTRAL, FFNet, FFNetConfig
 from fflab.ff.train import FFTrainConfig, FFTrainer
 from fflab.negatives import random_wrong_labels
@@ -55,53 +54,6 @@ def test_fast_step_gradients_equal_autograd_of_local_losses(kind, mode):
     for (gw, gb), m in zip(got, net.layers, strict=True):
         assert torch.allclose(gw, m.weight.grad, atol=1e-12)
         assert torch.allclose(gb, m.bias.grad, atol=1e-12)
-
-
-@pytest.mark.parametrize("mode", ["overlay", "concat"])
-def test_dropout_step_gradients_equal_autograd_with_the_same_masks(monkeypatch, mode):
-    """With dropout, each layer's gradient is autograd's on its loss under the drawn masks."""
-    net = tiny("sumsq", mode)
-    x, y = batch()
-    b, drawn = x.shape[0], {"masks": [], "neg": []}
-
-    def record(key, fn):
-        def wrapped(*args):
-            out = fn(*args)
-            drawn[key].append(out)
-            return out
-
-        return wrapped
-
-    monkeypatch.setattr(ff_train, "dropout_mask", record("masks", ff_train.dropout_mask))
-    monkeypatch.setattr(
-        ff_train, "random_wrong_labels", record("neg", ff_train.random_wrong_labels)
-    )
-    tr = FFTrainer(net, FFTrainConfig(negatives="random", input_dropout=0.3, dropout=0.4))
-    tr.fused = False
-    tr.optimizer.step = lambda: None
-    tr.step(x, y, torch.Generator().manual_seed(5))
-    masks, (y_neg,) = drawn["masks"], drawn["neg"]
-    # one mask per image (shared by its rows), then one per stacked row for layers 1 and 2
-    assert [tuple(m.shape) for m in masks] == [(b, 20), (2 * b, 7), (2 * b, 6)]
-    assert all(set(m.unique().tolist()) <= {0.0, 1 / 0.7, 1 / 0.6} for m in masks)
-    got = [(m.weight.grad.clone(), m.bias.grad.clone()) for m in net.layers]
-
-    net.zero_grad(set_to_none=True)
-    xm = x * masks[0]
-    h = torch.cat([embed_label(xm, y, 4, mode), embed_label(xm, y_neg, 4, mode)])
-    for i, layer in enumerate(net.layers):
-        inp = rms_normalize(h.detach())
-        a = torch.relu(layer(inp * masks[i] if i else inp))
-        g = goodness(a)
-        ff_loss(g[:b], g[b:], net.theta(i)).backward()
-        h = a
-    for (gw, gb), m in zip(got, net.layers, strict=True):
-        torch.testing.assert_close(gw, m.weight.grad, rtol=0, atol=1e-12)
-        torch.testing.assert_close(gb, m.bias.grad, rtol=0, atol=1e-12)
-    # the masks matter: the same negatives without them give another gradient
-    net.zero_grad(set_to_none=True)
-    sum(net.layer_losses(x, y, y_neg)).backward()
-    assert not torch.allclose(got[1][0], net.layers[1].weight.grad, atol=1e-6)
 
 
 def test_head_gradient_equals_autograd_of_cross_entropy():

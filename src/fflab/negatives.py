@@ -1,19 +1,70 @@
-"""Negative sources: how the negative phase gets its data.
+"""Negative sources: where the negative phase gets its data.
 
-Forward-Forward builds negatives outside the model (a wrong label on a real image, or a hybrid
-of two images); a Boltzmann machine draws them from the model by Gibbs sampling (see
+Forward-Forward builds its negatives outside the model (a wrong label on a real image, or a
+hybrid of two images); a Boltzmann machine draws them from the model by Gibbs sampling (see
 ``fflab.boltzmann``). Every sampler here takes its random generator explicitly.
+
+A negative source is a small class registered by name with :func:`register`; the FF trainer
+looks it up in :data:`NEGATIVE_SOURCES` and calls it once per minibatch:
+
+``source.draw(x, y, generator, probs=None) -> NegativeBatch``
+
+with the positive images ``x`` (B, D), their labels ``y`` (B,), the run's generator and, for
+sources that ask for them (``needs_probs``), the softmax head's class probabilities (B, C) from
+the neutral-label pass. A source that only changes the label returns the positive image tensor
+itself as ``x`` (the trainer then shares the image's first-layer product between the phases);
+one that makes new images returns them with ``y = None``.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-NEGATIVE_SOURCES = ("random", "hard")
+NEGATIVE_SOURCES: dict[str, type[NegativeSource]] = {}
 
 
+@dataclass(frozen=True)
+class NegativeBatch:
+    """The negative phase's data: images (B, D) and labels (B,) or None (unlabelled)."""
+
+    x: Tensor
+    y: Tensor | None
+
+
+class NegativeSource:
+    """Base of the negative sources. ``labelled``: whether it makes labelled negatives for a
+    supervised net (True) or images for an unsupervised one (False)."""
+
+    name: ClassVar[str]
+    labelled: ClassVar[bool]
+    needs_probs: ClassVar[bool] = False
+
+    def draw(
+        self, x: Tensor, y: Tensor, generator: torch.Generator, probs: Tensor | None = None
+    ) -> NegativeBatch:
+        raise NotImplementedError
+
+
+def register(cls: type[NegativeSource]) -> type[NegativeSource]:
+    """Class decorator: make a negative source available by its ``name``."""
+    NEGATIVE_SOURCES[cls.name] = cls
+    return cls
+
+
+def make_source(name: str, **options) -> NegativeSource:
+    """The registered source ``name`` built with ``options`` (its constructor's arguments)."""
+    if name not in NEGATIVE_SOURCES:
+        known = ", ".join(sorted(NEGATIVE_SOURCES))
+        raise ValueError(f"unknown negative source {name!r}; choose one of {known}")
+    return NEGATIVE_SOURCES[name](**options)
+
+
+# -- wrong labels (supervised FF) ---------------------------------------------------------------
 def random_wrong_labels(labels: Tensor, num_classes: int, generator: torch.Generator) -> Tensor:
     """Uniformly random labels that never equal the true one: (B,) -> (B,).
 
@@ -39,11 +90,43 @@ def hard_wrong_labels(
     return torch.multinomial(w, 1, generator=generator).squeeze(1)
 
 
+@register
+class RandomLabels(NegativeSource):
+    """The image with a uniformly random wrong label."""
+
+    name, labelled = "random", True
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+
+    def draw(self, x, y, generator, probs=None) -> NegativeBatch:
+        return NegativeBatch(x, random_wrong_labels(y, self.num_classes, generator))
+
+
+@register
+class HardLabels(NegativeSource):
+    """The image with a wrong label drawn in proportion to the softmax head's probabilities
+    (Hinton's code): the labels the net currently confuses are the ones it learns from."""
+
+    name, labelled, needs_probs = "hard", True, True
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+
+    def draw(self, x, y, generator, probs=None) -> NegativeBatch:
+        if probs is None:
+            raise ValueError("hard negatives need the softmax head's probabilities")
+        return NegativeBatch(x, hard_wrong_labels(y, probs, generator).to(y.device))
+
+
+# -- hybrid images (unsupervised FF) ------------------------------------------------------------
 def blur_mask(shape: tuple[int, int, int], generator: torch.Generator, blurs: int = 6) -> Tensor:
     """Hybrid-image masks (N, H, W): random bits blurred ``blurs`` times, thresholded at 0.5.
 
-    The blur is the paper's [1/4, 1/2, 1/4] filter applied horizontally and vertically, giving
-    large, irregular regions of ones and zeros.
+    The blur is the paper's [1/4, 1/2, 1/4] filter applied horizontally and vertically (edge
+    pixels replicated beyond the border), giving large, irregular regions of ones and zeros.
+    Each blur spreads correlation by about one pixel: after ``blurs`` passes pixels closer
+    than about ``2 * blurs`` apart are strongly correlated, farther ones nearly independent.
     """
     n, h, w = shape
     m = torch.randint(0, 2, (n, 1, h, w), generator=generator, device=generator.device).float()
@@ -54,16 +137,63 @@ def blur_mask(shape: tuple[int, int, int], generator: torch.Generator, blurs: in
     return (m.squeeze(1) > 0.5).float()
 
 
+def partners(y: Tensor | None, generator: torch.Generator, different_class: bool) -> Tensor:
+    """For each of B images, the index of another image of the batch: (B,) -> (B,).
+
+    Uniform over the other images, or over those of another class when ``different_class``
+    (an image whose class fills the whole batch falls back to any other image).
+    """
+    b = y.shape[0]
+    if b == 1:
+        return torch.zeros(1, dtype=torch.long, device=y.device)
+    dev = generator.device
+    w = 1.0 - torch.eye(b, device=dev)  # (B, B): never the image itself
+    if different_class:
+        yy = y.to(dev)
+        other = (yy.unsqueeze(0) != yy.unsqueeze(1)).float()  # (B, B)
+        w = torch.where(other.sum(1, keepdim=True) > 0, other, w)
+    return torch.multinomial(w, 1, generator=generator).squeeze(1).to(y.device)
+
+
 def hybrid_images(
-    x: Tensor, image_shape: tuple[int, int], generator: torch.Generator, blurs: int = 6
+    x: Tensor,
+    image_shape: tuple[int, int],
+    generator: torch.Generator,
+    blurs: int = 6,
+    y: Tensor | None = None,
+    different_class: bool = False,
 ) -> Tensor:
     """Unsupervised FF negatives: x (B, D) -> (B, D), ``x_a * m + x_b * (1 - m)``.
 
-    ``x_a`` is each image and ``x_b`` the image a random non-zero number of places further
-    along the batch (so never the image itself when B > 1).
+    ``x_a`` is each image and ``x_b`` another image of the batch (of another class when
+    ``different_class``; labels ``y`` (B,) are then needed), ``m`` a :func:`blur_mask`. The
+    result has the short-range statistics of real images (each region is a piece of a real
+    image) but shapes that belong to no digit.
     """
     b = x.shape[0]
-    shift = torch.randint(1, max(b, 2), (1,), generator=generator, device=generator.device)
-    other = torch.roll(x, int(shift), dims=0)
-    m = blur_mask((b, *image_shape), generator, blurs).reshape(b, -1).to(x.device, x.dtype)
-    return x * m + other * (1 - m)
+    if different_class and y is None:
+        raise ValueError("different_class needs the labels y")
+    ref = y if y is not None else torch.zeros(b, dtype=torch.long, device=x.device)
+    other = x.index_select(0, partners(ref, generator, different_class).to(x.device))
+    m = blur_mask((b, *image_shape), generator, blurs).reshape(b, -1).to(x.device) > 0.5
+    return torch.where(m, x, other)  # x * m + other * (1 - m), without rounding
+
+
+@register
+class HybridImages(NegativeSource):
+    """Hybrids of two real images under a blurred random mask (the paper's unsupervised
+    negatives). ``image_shape`` (H, W) of the flattened images; ``blurs`` passes of the
+    [1/4, 1/2, 1/4] filter; ``different_class``: the second image is of another class."""
+
+    name, labelled = "hybrid", False
+
+    def __init__(
+        self, image_shape: tuple[int, int], blurs: int = 6, different_class: bool = False
+    ) -> None:
+        if blurs < 0:
+            raise ValueError(f"blurs must be >= 0, got {blurs}")
+        self.image_shape, self.blurs, self.different_class = image_shape, blurs, different_class
+
+    def draw(self, x, y, generator, probs=None) -> NegativeBatch:
+        hyb = hybrid_images(x, self.image_shape, generator, self.blurs, y, self.different_class)
+        return NegativeBatch(hyb, None)

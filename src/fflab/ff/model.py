@@ -1,4 +1,4 @@
-"""The Forward-Forward network: Linear + ReLU layers with RMS normalization between them.
+"""The Forward-Forward network: FF layers + ReLU with RMS normalization between them.
 
 Shapes: ``B`` batch, ``D`` image features, ``C`` classes, ``H_l`` units of hidden layer ``l``.
 
@@ -6,7 +6,8 @@ The label enters only through the first layer, and a one-hot row has the same no
 the label, so the image's product with the first layer's image columns is computed once and
 shared by every label written over it (positive, negative, neutral, and all C candidates at
 inference). :meth:`FFNet.first_layer` does this; :meth:`FFNet.activities` is the plain
-reference path (embed label, normalize, multiply) that the tests compare it with.
+reference path (embed label, normalize, multiply) that the tests compare it with. An
+unsupervised net (``label_mode="none"``) takes the image alone.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -27,26 +29,43 @@ from fflab.ff.functional import (
     positive_logit,
     rms_normalize,
 )
+from fflab.ff.layers import Dense
 
 NEUTRAL = -1  # label value that stands for the neutral label (every label entry 0.1)
 
 
+LABEL_MODES = ("overlay", "concat", "none")
+
+
 @dataclass(frozen=True)
 class FFNetConfig:
-    """Architecture and goodness of a supervised FF network."""
+    """Architecture and goodness of an FF network.
+
+    ``label_mode`` decides the mode: ``overlay`` or ``concat`` make a supervised net (the label
+    is part of the input; negatives are wrong labels), ``none`` an unsupervised one (the input
+    is the image alone; negatives are other images, and a linear probe reads the features).
+    """
 
     in_features: int = 784
     num_classes: int = 10
     hidden: tuple[int, ...] = (1000, 1000, 1000)
     goodness: str = "sumsq"  # sumsq (paper) | meansq | minssq (paper's CIFAR-10 variant)
     threshold: float | None = None  # None: number of units (sumsq/minssq) or 1.0 (meansq)
-    label_mode: str = "overlay"  # overlay (paper's MNIST run) | concat (h0 = [y; x])
+    label_mode: str = "overlay"  # overlay (paper's MNIST run) | concat (h0 = [y; x]) | none
     # peer-normalization strength; 0.06 on fflab's true loss gradient is Hinton's 0.03 (his
     # update omits the factor 2 of d(sum a^2)/da, see FFTrainConfig.lr); 0 disables it
     peer_norm: float = 0.06
     peer_momentum: float = 0.9  # running-mean momentum of peer normalization
     score_from: int = 1  # goodness scoring sums hidden layers score_from.. (0-based)
-    head_from: int = 1  # the softmax head reads hidden layers head_from.. (0-based)
+    head_from: int = 1  # the softmax head (or probe) reads hidden layers head_from.. (0-based)
+    # (channels, height, width) of the input image, () if it is not an image: hybrid
+    # negatives and local layers need it
+    image_shape: tuple[int, ...] = ()
+    # local receptive fields: kernel size of each hidden layer (0: fully connected). A local
+    # layer's units sit on a map, hidden[i] / (map locations) channels per location; its
+    # padding is kernel // 2, its stride local_strides[i] (default 1)
+    local_kernels: tuple[int, ...] = ()
+    local_strides: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.hidden or any(h <= 0 for h in self.hidden):
@@ -57,8 +76,8 @@ class FFNetConfig:
             raise ValueError(
                 f"goodness must be one of {', '.join(GOODNESS_KINDS)}, got {self.goodness!r}"
             )
-        if self.label_mode not in ("overlay", "concat"):
-            raise ValueError(f"label_mode must be overlay or concat, got {self.label_mode!r}")
+        if self.label_mode not in LABEL_MODES:
+            raise ValueError(f"label_mode must be overlay, concat or none, got {self.label_mode!r}")
         if self.label_mode == "overlay" and self.in_features <= self.num_classes:
             raise ValueError("overlay needs more input features than classes")
         n = len(self.hidden)
@@ -68,6 +87,18 @@ class FFNetConfig:
                 raise ValueError(f"{name} must be in 0..{n - 1} for {n} hidden layers, got {v}")
         if self.peer_norm < 0 or not 0 <= self.peer_momentum < 1:
             raise ValueError("peer_norm must be >= 0 and peer_momentum in [0, 1)")
+        if self.image_shape and (
+            len(self.image_shape) != 3 or math.prod(self.image_shape) != self.in_features
+        ):
+            raise ValueError(
+                f"image_shape {self.image_shape} must be (channels, height, width) with "
+                f"{self.in_features} = in_features values"
+            )
+        self.layer_shapes()  # checks the local layers' geometry
+
+    @property
+    def supervised(self) -> bool:
+        return self.label_mode != "none"
 
     @property
     def input_width(self) -> int:
@@ -75,30 +106,84 @@ class FFNetConfig:
         extra = self.num_classes if self.label_mode == "concat" else 0
         return self.in_features + extra
 
+    def kernel(self, layer: int) -> int:
+        return self.local_kernels[layer] if layer < len(self.local_kernels) else 0
+
+    def layer_shapes(self) -> list[tuple[int, int, int] | None]:
+        """Output map (channels, height, width) of every hidden layer; None for dense ones."""
+        k = self.local_kernels
+        if len(k) > len(self.hidden) or len(self.local_strides) > len(k):
+            raise ValueError("local_kernels and local_strides may not be longer than hidden")
+        if any(v < 0 for v in k) or any(s < 1 for s in self.local_strides):
+            raise ValueError("local kernels must be >= 0 and strides >= 1")
+        if any(k) and self.supervised:
+            raise ValueError("local layers need label_mode=none (the label has no location)")
+        shapes: list[tuple[int, int, int] | None] = []
+        below: tuple[int, ...] | None = tuple(self.image_shape) or None
+        for i, width in enumerate(self.hidden):
+            if not self.kernel(i):
+                shapes.append(None)
+                below = None
+                continue
+            if below is None:
+                raise ValueError(
+                    f"local layer {i} needs a map below it (model.image_shape for the first)"
+                )
+            kk = self.kernel(i)
+            s = self.local_strides[i] if i < len(self.local_strides) else 1
+            h, w = ((d + 2 * (kk // 2) - kk) // s + 1 for d in below[1:])
+            if h < 1 or w < 1 or width % (h * w):
+                raise ValueError(
+                    f"hidden layer {i}: {width} units do not fill a {h}x{w} map evenly "
+                    f"(kernel {kk}, stride {s} on {below[1]}x{below[2]}); use a multiple of {h * w}"
+                )
+            below = (width // (h * w), h, w)
+            shapes.append(below)
+        return shapes
+
     def theta(self, layer: int) -> float:
         if self.threshold is not None:
             return float(self.threshold)
         return 1.0 if self.goodness == "meansq" else float(self.hidden[layer])
 
 
-class FFNet(nn.Module):
-    """Supervised Forward-Forward network with a linear softmax head.
+class FFOutput(NamedTuple):
+    """What :meth:`FFNet.forward` returns: each hidden layer's activities (B, H_l) and
+    goodness (B, L)."""
 
-    Layers are ``nn.Linear`` (weights N(0, 1/fan_in), biases 0, as in Hinton's code). The peer
-    normalization running means are registered buffers, so they move with ``.to(device)`` and
-    are saved in checkpoints.
+    activities: list[Tensor]
+    goodness: Tensor
+
+
+class FFNet(nn.Module):
+    """Forward-Forward network: FF layers with RMS normalization between them, a linear head.
+
+    Layers follow :class:`fflab.ff.layers.FFLayer` (dense: weights N(0, 1/fan_in), biases 0, as
+    in Hinton's code; or locally connected). The head is the softmax head of a supervised net
+    (trained alongside, on a neutral-label pass) or the linear probe of an unsupervised one
+    (trained after, on frozen features). The peer normalization running means are registered
+    buffers, so they move with ``.to(device)`` and are saved in checkpoints.
     """
 
     def __init__(self, config: FFNetConfig, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.config = config
         widths = (config.input_width, *config.hidden)
-        self.layers = nn.ModuleList(
-            nn.Linear(i, o) for i, o in zip(widths[:-1], widths[1:], strict=True)
-        )
-        for layer in self.layers:
-            nn.init.normal_(layer.weight, 0.0, 1.0 / math.sqrt(layer.in_features), generator)
-            nn.init.zeros_(layer.bias)
+        maps = [tuple(config.image_shape) or None, *config.layer_shapes()]
+        layers: list[nn.Module] = []
+        for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+            kk = config.kernel(i)
+            if kk:
+                from fflab.ff.local import LocallyConnected2d
+
+                stride = config.local_strides[i] if i < len(config.local_strides) else 1
+                out_channels = maps[i + 1][0]
+                layers.append(
+                    LocallyConnected2d(maps[i], out_channels, kk, stride, kk // 2, generator)
+                )
+            else:
+                layers.append(Dense(n_in, n_out, generator))
+        self.layers = nn.ModuleList(layers)
         head_in = sum(config.hidden[config.head_from :])
         self.head = nn.Linear(head_in, config.num_classes)
         nn.init.zeros_(self.head.weight)
@@ -148,19 +233,45 @@ class FFNet(nn.Module):
         return torch.addcmul(layer.bias, a_img + label_in, scale.unsqueeze(1))
 
     # -- reference path -------------------------------------------------------------------
-    def activities(self, x: Tensor, labels: Tensor) -> list[Tensor]:
+    def embed(self, x: Tensor, labels: Tensor | None) -> Tensor:
+        """The first layer's input before normalization: x (B, D) -> (B, input_width).
+
+        A supervised net writes the label in (``None``: the neutral label); an unsupervised
+        net takes the image as it is.
+        """
+        c = self.config
+        if not c.supervised:
+            return x
+        if labels is None:
+            labels = torch.full((x.shape[0],), NEUTRAL, dtype=torch.long, device=x.device)
+        return embed_label(x, labels, c.num_classes, c.label_mode)
+
+    def activities(self, x: Tensor, labels: Tensor | None = None) -> list[Tensor]:
         """ReLU activities of every layer for images x (B, D) with labels (B,) (-1: neutral).
 
         The plain path: write the label, RMS-normalize, multiply; each layer's input is the
         RMS-normalized output of the one below.
         """
-        h = embed_label(x, labels, self.config.num_classes, self.config.label_mode)
+        h = self.embed(x, labels)
         out = []
         for layer in self.layers:
             a = torch.relu(layer(rms_normalize(h)))
             out.append(a)
             h = a
         return out
+
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> FFOutput:
+        """Every hidden layer's activities and goodness for images x (B, D).
+
+        ``labels`` (B,) are written into the input of a supervised net (None or -1: the
+        neutral label); an unsupervised net takes none. Goodness is the configured function of
+        each layer's activities, (B, L).
+        """
+        if labels is not None and not self.config.supervised:
+            raise ValueError("an unsupervised net (label_mode=none) takes no labels")
+        acts = self.activities(x, labels)
+        g = torch.stack([goodness(a, self.config.goodness) for a in acts], dim=1)
+        return FFOutput(acts, g)
 
     def layer_losses(self, x: Tensor, labels_pos: Tensor, labels_neg: Tensor) -> list[Tensor]:
         """Per-layer FF losses, each depending only on its own layer's parameters.
@@ -202,6 +313,8 @@ class FFNet(nn.Module):
         negated sum of squares, so the argmax is always the prediction.
         """
         c = self.config
+        if not c.supervised:
+            raise ValueError("an unsupervised net has no labels to score; use its probe")
         layers = range(c.score_from, self.num_layers) if layers is None else layers
         b = x.shape[0]
         a_img, sq = self.image_part(x)  # (B, H_0), (B,)
@@ -219,7 +332,12 @@ class FFNet(nn.Module):
 
     @torch.no_grad()
     def neutral_activities(self, x: Tensor) -> list[Tensor]:
-        """Activities of every layer for the neutral label: x (B, D) -> [(B, H_l)]."""
+        """Activities of every layer for the neutral label: x (B, D) -> [(B, H_l)].
+
+        For an unsupervised net, the activities of the image itself.
+        """
+        if not self.config.supervised:
+            return self.activities(x)
         a_img, sq = self.image_part(x)
         return self.rest_of_net(self.first_layer(a_img, self.label_scale(sq, True), None))
 

@@ -1,16 +1,24 @@
-"""Training Forward-Forward networks: Hinton's recipe as a fast, hand-derived update.
+"""Training Forward-Forward networks: the fast, hand-derived step shared by every mode.
 
-Each minibatch runs the neutral-label pass, trains the softmax head on its activities and
-draws negative labels (hard: from the head's probabilities over wrong classes; or uniformly
-random), then runs the positive and negative passes stacked (one matrix product per layer
-for both) and updates every active layer with its own local gradient: two matrix products
-per layer and pass (forward and weight gradient), never a gradient with respect to a layer's
-input. The first layer's image product is shared by all three passes, and positive and
-negative samples share one weight-gradient product there (they have the same input scale).
+Every mode runs the same core: a positive phase and a negative phase stacked into one batch
+(one matrix product per layer for both), each layer's goodness loss turned into ``dL/dz`` by
+:func:`~fflab.ff.functional.goodness_loss_terms`, and each active layer's own parameter
+gradients from its :meth:`~fflab.ff.layers.FFLayer.local_grad` (two matrix products per layer
+and pass, forward and weight gradient; never a gradient with respect to a layer's input).
+The negatives come from a registered :mod:`negative source <fflab.negatives>`.
+
+- *Supervised* (``label_mode`` overlay or concat): a neutral-label pass first trains the
+  softmax head and gives the source its probabilities (hard negatives); the first layer's
+  image product is shared by all three passes, and positive and negative rows share one
+  weight-gradient product there (they have the same input scale).
+- *Unsupervised* (``label_mode=none``): the positive rows are the images, the negative rows
+  the source's images (hybrids); every layer, local or dense, takes the generic path.
+
 Optional dropout (``FFTrainConfig.input_dropout``, ``dropout``) masks the image (in every
 pass) and the inputs of layers 2..L (in the positive and negative passes).
 
-The gradients equal autograd's on :meth:`FFNet.layer_losses` (checked in the tests).
+The gradients equal autograd's in :class:`fflab.ff.reference.ReferenceTrainer` (checked in
+the tests, float64).
 """
 
 from __future__ import annotations
@@ -21,8 +29,9 @@ import torch
 from torch import Tensor
 
 from fflab.ff.functional import RMS_EPS, dropout_mask, goodness_loss_terms, peer_norm_dz
+from fflab.ff.layers import write_grad
 from fflab.ff.model import FFNet
-from fflab.negatives import NEGATIVE_SOURCES, hard_wrong_labels, random_wrong_labels
+from fflab.negatives import NEGATIVE_SOURCES, NegativeSource, make_source
 from fflab.optim import SmoothedSGD, lr_factor
 
 
@@ -53,7 +62,15 @@ class FFTrainConfig:
     head_lr: float = 0.1
     head_weight_cost: float = 0.003
     lr_schedule: str = "hinton"  # hinton: constant for half the epochs, then linear to 0 | constant
-    negatives: str = "hard"  # hard (sampled from the softmax head) | random (uniform wrong label)
+    # negative source (fflab.negatives): hard (wrong label sampled from the softmax head) |
+    # random (uniform wrong label) for a supervised net; hybrid (two images under a blurred
+    # mask) for an unsupervised one
+    negatives: str = "hard"
+    # hybrid negatives: passes of the [1/4, 1/2, 1/4] blur (the paper gives no number; 6 makes
+    # regions of roughly digit-stroke size, see fflab.negatives.blur_mask), and whether the
+    # second image must be of another class (uses labels: not strictly unsupervised)
+    blurs: int = 6
+    hybrid_different_class: bool = False
     layer_schedule: str = "simultaneous"  # simultaneous (every layer, every batch) | greedy
     # dropout while training (0: off): input_dropout on the image pixels (one mask per image,
     # shared by its positive, negative and neutral rows); dropout on the normalized
@@ -61,6 +78,11 @@ class FFTrainConfig:
     input_dropout: float = 0.0
     dropout: float = 0.0
     log_test_error: bool = False  # log test error per epoch (time-to-accuracy curves only)
+    # the linear probe of an unsupervised net, trained after FF on frozen features: Adam with
+    # L2 weight decay, batch 100
+    probe_epochs: int = 20
+    probe_lr: float = 1e-3
+    probe_weight_decay: float = 1e-4
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -70,7 +92,10 @@ class FFTrainConfig:
         if self.lr_schedule not in ("hinton", "constant"):
             raise ValueError(f"lr_schedule must be hinton or constant, got {self.lr_schedule!r}")
         if self.negatives not in NEGATIVE_SOURCES:
-            raise ValueError(f"negatives must be one of {NEGATIVE_SOURCES}, got {self.negatives!r}")
+            known = ", ".join(sorted(NEGATIVE_SOURCES))
+            raise ValueError(f"negatives must be one of {known}, got {self.negatives!r}")
+        if self.blurs < 0 or self.probe_epochs < 0 or self.probe_lr <= 0:
+            raise ValueError("blurs and probe_epochs must be >= 0, probe_lr > 0")
         if self.layer_schedule not in ("simultaneous", "greedy"):
             raise ValueError("layer_schedule must be simultaneous or greedy")
         if self.lr <= 0 or self.head_lr <= 0:
@@ -94,18 +119,51 @@ def make_optimizer(net: FFNet, cfg: FFTrainConfig) -> torch.optim.Optimizer:
     return SmoothedSGD(groups, lr=cfg.lr, momentum=cfg.momentum)
 
 
+def negative_source(net: FFNet, cfg: FFTrainConfig) -> NegativeSource:
+    """The negative source ``cfg.negatives`` for ``net``, checked against its mode."""
+    c = net.config
+    cls = NEGATIVE_SOURCES[cfg.negatives]
+    if cls.labelled != c.supervised:
+        want = "overlay or concat" if cls.labelled else "none"
+        raise ValueError(
+            f"negatives={cfg.negatives} needs model.label_mode={want} "
+            f"(the net's label_mode is {c.label_mode})"
+        )
+    if cls.labelled:
+        return make_source(cfg.negatives, num_classes=c.num_classes)
+    if not c.image_shape:
+        raise ValueError(f"negatives={cfg.negatives} needs model.image_shape (C, H, W)")
+    return make_source(
+        cfg.negatives,
+        image_shape=tuple(c.image_shape[1:]),
+        blurs=cfg.blurs,
+        different_class=cfg.hybrid_different_class,
+    )
+
+
 class FFTrainer:
-    """Owns the optimizer of an :class:`FFNet` and applies Hinton's update to minibatches."""
+    """The fast FF step for every mode: owns the optimizer and a negative source.
+
+    A step is :meth:`compute_gradients` (the positive and negative phases and every layer's
+    local gradients) then :meth:`apply_gradients` (the optimizer), so that whatever must see
+    the gradients (an all-reduce across processes) can sit between the two. With ``fused``
+    (the default for SmoothedSGD) the weight gradients are folded straight into the
+    optimizer's smoothed gradient, which is linear in the gradient; otherwise they are written
+    to ``.grad``. The plain statement of the same step is :class:`fflab.ff.reference.
+    ReferenceTrainer`; the tests hold the two equal.
+    """
 
     def __init__(self, net: FFNet, cfg: FFTrainConfig) -> None:
         self.net = net
         self.cfg = cfg
+        self.source = negative_source(net, cfg)
         self.optimizer = make_optimizer(net, cfg)
         # SmoothedSGD takes weight gradients as products folded into its smoothed gradient
         # (see SmoothedSGD.fold_product_); set False to have them written to .grad instead
         self.fused = isinstance(self.optimizer, SmoothedSGD)
         self._cache: dict[tuple, tuple[Tensor, ...]] = {}
         self._layers = list(net.layers)  # slicing a ModuleList builds a new module each time
+        self._inactive: list[int] = []
 
     def set_lr_factor(self, factor: float) -> None:
         for g in self.optimizer.param_groups:
@@ -125,12 +183,12 @@ class FFTrainer:
         """
         p = self.cfg.dropout if generator is not None else 0.0
         a = torch.relu_(z0)
-        acts, ssq, inputs = [a], [_sumsq(a)], [z0]  # inputs[0]: unused
+        acts, ssq, inputs = [a], [_sumsq(a)], [z0]  # inputs[0]: set by the caller
         for layer in self._layers[1:]:
             h = _normalized(a, ssq[-1])
             if p > 0:
                 h.mul_(dropout_mask(h.shape, p, generator, h))
-            a = torch.relu_(torch.addmm(layer.bias, h, layer.weight.T))
+            a = torch.relu_(layer(h))
             acts.append(a)
             ssq.append(_sumsq(a))
             inputs.append(h)
@@ -147,15 +205,86 @@ class FFTrainer:
         Columns of the stats: FF loss, mean positive goodness, mean negative goodness.
         ``active`` lists the layers that learn (default: all); the head always learns.
         """
-        net, c = self.net, self.net.config
-        n_layers, b = net.num_layers, x.shape[0]
+        stats = self.compute_gradients(x, y, generator, active)
+        self.apply_gradients()
+        return stats
+
+    @torch.no_grad()
+    def compute_gradients(
+        self, x: Tensor, y: Tensor, generator: torch.Generator, active: range | None = None
+    ) -> Tensor:
+        """Both phases and every active layer's local gradients; returns the stats (L, 3).
+
+        An unsupervised net ignores ``y`` except where its negative source reads it.
+        """
+        n_layers = self.net.num_layers
         active = range(n_layers) if active is None else active
         if self.cfg.input_dropout > 0:
             x = x * dropout_mask(x.shape, self.cfg.input_dropout, generator, x)
+        if self.net.config.supervised:
+            stats = self._supervised(x, y, generator, active)
+        else:
+            stats = self._unsupervised(x, y, generator, active)
+        self._inactive = [i for i in range(n_layers) if i not in active]
+        return stats
 
+    def apply_gradients(self) -> None:
+        """One optimizer step on the gradients of :meth:`compute_gradients`."""
+        for i in self._inactive:
+            self._layers[i].weight.grad = self._layers[i].bias.grad = None
+        self.optimizer.step()
+
+    def _local_gradients(
+        self, acts: list[Tensor], inputs: list[Tensor], coef: Tensor, active: range, first=None
+    ) -> None:
+        """Every active layer's gradients from its activities, input and loss coefficients.
+
+        ``acts[i]`` (2B, H_i) stacks positive rows over negative ones, ``coef`` (L, 2B) is
+        ``dL/dz = coef * a``. Peer normalization adds its term to the positive rows. ``first``
+        (a function of dz) replaces the generic gradient of layer 0 (the supervised step's
+        shared image product).
+        """
+        net, c = self.net, self.net.config
+        b = acts[0].shape[0] // 2
+        for i in active:
+            a = acts[i]
+            dz = a * coef[i].unsqueeze(1)  # (2B, H_i)
+            if c.peer_norm > 0:
+                rm = net.running_mean(i)
+                rm.lerp_(a[:b].mean(0), 1 - c.peer_momentum)
+                dz[:b].add_(peer_norm_dz(rm, c.peer_norm, b))
+            if i == 0 and first is not None:
+                first(dz)
+            else:
+                self._layers[i].local_grad(inputs[i], dz, self._param_grad)
+
+    def _unsupervised(
+        self, x: Tensor, y: Tensor, generator: torch.Generator, active: range
+    ) -> Tensor:
+        """Positive phase on the images, negative phase on the source's images, stacked."""
+        neg = self.source.draw(x, y, generator)
+        h0 = torch.cat([x, neg.x])  # (2B, D): rows [:B] positive, [B:] negative
+        h0 = _normalized(h0, _sumsq(h0))
+        widths, theta, target, _ = self._constants(x.shape[0], x)
+        acts, ssq, inputs = self._pass(self._layers[0](h0), generator=generator)
+        inputs[0] = h0
+        kind = self.net.config.goodness
+        stats, coef = goodness_loss_terms(torch.stack(ssq), theta, widths, target, kind)
+        self._local_gradients(acts, inputs, coef, active)
+        return stats
+
+    def _supervised(
+        self, x: Tensor, y: Tensor, generator: torch.Generator, active: range
+    ) -> Tensor:
+        """The supervised step: neutral phase (head, negatives), then positive and negative.
+
+        The first layer's image product is shared by all three passes, and the positive and
+        negative rows of an image share one weight-gradient product there.
+        """
+        net, c, b = self.net, self.net.config, x.shape[0]
         a_img, sq = net.image_part(x)  # (B, H_0), (B,): shared by every pass
         widths, theta, target, eye = self._constants(b, x)
-        y_neg = self._neutral_phase(a_img, sq, y, eye, generator)
+        y_neg = self._neutral_phase(x, a_img, sq, y, eye, generator)
 
         # positive and negative phases stacked: rows [:B] positive, [B:] negative
         labels = torch.cat([y, y_neg])  # (2B,)
@@ -164,47 +293,37 @@ class FFTrainer:
         label_in = eye.index_select(0, labels).mul_(s2)  # (2B, C): the scaled one-hot rows
         z0 = self._labelled_first_layer(a_img, labels, s2)
         acts, ssq, inputs = self._pass(z0, generator=generator)
-        stats, dz_da = goodness_loss_terms(torch.stack(ssq), theta, widths, target, c.goodness)
-        for i in active:
-            a = acts[i]
-            dz = a * dz_da[i].unsqueeze(1)  # (2B, H_i)
-            if c.peer_norm > 0:
-                rm = net.running_mean(i)
-                rm.lerp_(a[:b].mean(0), 1 - c.peer_momentum)
-                dz[:b].add_(peer_norm_dz(rm, c.peer_norm, b))
-            layer = self._layers[i]
-            if i == 0:
-                self._first_layer_grad(x, dz, s_lab, label_in)
-            else:
-                self._param_grad(layer.weight, dz.T, inputs[i])  # one product, all 2B rows
-            self._param_grad(layer.bias, dz.sum(0))
-        for i in range(n_layers):
-            if i not in active:
-                self._layers[i].weight.grad = self._layers[i].bias.grad = None
-        self.optimizer.step()
+        stats, coef = goodness_loss_terms(torch.stack(ssq), theta, widths, target, c.goodness)
+        first = lambda dz: self._first_layer_grad(x, dz, s_lab, label_in)  # noqa: E731
+        self._local_gradients(acts, inputs, coef, active, first)
         return stats
 
     def _neutral_phase(
-        self, a_img: Tensor, sq: Tensor, y: Tensor, eye: Tensor, generator: torch.Generator
+        self,
+        x: Tensor,
+        a_img: Tensor,
+        sq: Tensor,
+        y: Tensor,
+        eye: Tensor,
+        generator: torch.Generator,
     ) -> Tensor:
         """The neutral-label pass: trains the softmax head, returns negative labels (B,).
 
         The head reads the normalized activities of layers head_from.. (``inputs[head_from +
-        1:]`` of the pass); hard negatives are drawn from its probabilities before it learns.
+        1:]`` of the pass); the negative source sees its probabilities before it learns.
         """
         net, c, b = self.net, self.net.config, y.shape[0]
         z0 = net.first_layer(a_img, net.label_scale(sq, True), None)
         _, _, inputs = self._pass(z0, normalize_last=True)
         feats = torch.cat(inputs[c.head_from + 1 :], 1)  # (B, F)
         probs = torch.softmax(net.head(feats), 1)  # (B, C)
-        if self.cfg.negatives == "hard":
-            y_neg = hard_wrong_labels(y, probs, generator).to(y.device)
-        else:
-            y_neg = random_wrong_labels(y, c.num_classes, generator)
+        neg = self.source.draw(x, y, generator, probs)
+        if neg.x is not x or neg.y is None:
+            raise ValueError(f"negative source {self.source.name!r} must keep the image")
         dlogits = probs.sub_(eye.index_select(0, y)).div_(b)  # (B, C), probs is spent
         self._param_grad(net.head.weight, dlogits.T, feats)
         self._param_grad(net.head.bias, dlogits.sum(0))
-        return y_neg
+        return neg.y
 
     def _labelled_first_layer(self, a_img: Tensor, labels: Tensor, s2: Tensor) -> Tensor:
         """Total input of layer 0 for the stacked rows: (B, H_0), (2B,), (2B, 1) -> (2B, H_0).
@@ -237,27 +356,19 @@ class FFTrainer:
     def _param_grad(
         self, w: Tensor, a: Tensor, b: Tensor | None = None, columns: slice = slice(None)
     ) -> None:
-        """Hand the gradient of ``w[..., columns]``, ``a @ b`` (or ``a`` itself), to the optimizer.
-
-        Fused: folded into SmoothedSGD's smoothed gradient (a product by one GEMM). Otherwise
-        written into ``w.grad`` (allocated once, every column overwritten each step). ``w`` is a
-        weight matrix or (with ``b`` None) a bias vector.
+        """The trainer's gradient sink: the gradient of ``w[..., columns]`` is ``a @ b`` (or
+        ``a``). Fused: folded into SmoothedSGD's smoothed gradient (a product by one GEMM).
+        Otherwise written into ``w.grad`` (:func:`fflab.ff.layers.write_grad`).
         """
-        if self.fused:
-            if b is None:
-                self.optimizer.fold_(w, a, columns)
-            else:
-                self.optimizer.fold_product_(w, a, b, columns)
-            return
-        if w.grad is None:
-            w.grad = torch.empty_like(w)
-        if b is None:
-            w.grad[..., columns] = a
+        if not self.fused:
+            write_grad(w, a, b, columns)
+        elif b is None:
+            self.optimizer.fold_(w, a, columns)
         else:
-            torch.mm(a, b, out=w.grad[:, columns])
+            self.optimizer.fold_product_(w, a, b, columns)
 
     def _first_layer_grad(self, x: Tensor, dz: Tensor, scale: Tensor, label_in: Tensor) -> None:
-        """Weight gradient of layer 0, whose input is ``scale * [label; image]``.
+        """Gradients of layer 0, whose input is ``scale * [label; image]``.
 
         ``dz`` (2B, H_0) stacks positive and negative rows, which share the image and the
         scale (B,), so the image columns need one product of their sum; the label columns are
@@ -269,6 +380,7 @@ class FFTrainer:
         dz_img = torch.add(dz[:b], dz[b:]).mul_(scale.unsqueeze(1))  # (B, H_0)
         self._param_grad(w, dz_img.T, xr, slice(k, None))
         self._param_grad(w, dz.T, label_in, slice(None, k))
+        self._param_grad(self._layers[0].bias, dz.sum(0))
 
     def train_epoch(
         self,
