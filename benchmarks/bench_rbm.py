@@ -40,6 +40,7 @@ from fflab.boltzmann import (  # noqa: E402
     ais_log_z,
     average_log_prob,
     make_base_rate_visible_bias,
+    rbm_optimizer,
     rbm_train_epoch,
 )
 from fflab.data import load_mnist  # noqa: E402
@@ -76,9 +77,8 @@ def time_fflab(
     g = torch.Generator().manual_seed(0)
     x = torch.from_numpy(data)
     rbm = RBM(784, 500, generator=g).to(model_dtype)
-    kw = dict(
-        batch_size=100, lr=0.05, momentum=momentum, weight_decay=weight_decay, k=1, generator=g
-    )
+    opt = rbm_optimizer(rbm, lr=0.05, momentum=momentum, weight_decay=weight_decay)
+    kw = dict(batch_size=100, optimizer=opt, k=1, generator=g)
     rbm_train_epoch(rbm, x[:1000], persistent=persistent, **kw)  # burn-in
     t0 = time.perf_counter()
     rbm_train_epoch(rbm, x, persistent=persistent, **kw)
@@ -201,9 +201,7 @@ def main() -> None:
         rbm = RBM(784, 500, generator=g)
         xt = torch.from_numpy(x32)
         rbm.init_visible_bias_from(xt)
-        rbm_train_epoch(
-            rbm, xt, batch_size=100, lr=0.05, momentum=0.5, weight_decay=2e-4, k=1, generator=g
-        )
+        rbm_train_epoch(rbm, xt, batch_size=100, optimizer=rbm_optimizer(rbm), k=1, generator=g)
         base = make_base_rate_visible_bias(torch.from_numpy(train))
         t0 = time.perf_counter()
         est = ais_log_z(

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from fflab import optim, presets, runs
+from fflab import presets, runs
 from fflab.backprop import BPNet, BPNetConfig, BPTrainConfig, make_optimizer, sgd_step_
 from fflab.ff.model import FFNet, FFNetConfig
+from fflab.optim import MomentumSGD
 
 
 def test_twin_sees_ffs_neutral_input_through_the_same_layers():
@@ -25,23 +26,21 @@ def test_twin_sees_ffs_neutral_input_through_the_same_layers():
     torch.testing.assert_close(acts[0], ff.neutral_activities(x)[-1], rtol=0, atol=1e-12)
 
 
-@pytest.mark.skipif(not optim.FUSED_SGD, reason="torch's fused SGD kernel needs torch >= 2.4")
-def test_fused_sgd_equals_foreach(monkeypatch):
-    """The optimizer fflab builds (fused kernel) takes the same steps as plain foreach SGD."""
+def test_autograd_step_equals_torch_sgd():
+    """The optimizer fflab builds, fed by autograd, takes torch.optim.SGD's steps."""
     nets = [
         BPNet(BPNetConfig(in_features=30, hidden=(8, 6)), torch.Generator().manual_seed(0)).double()
         for _ in range(2)
     ]
     cfg = BPTrainConfig(weight_cost=0.01)
-    fused = make_optimizer(nets[0], cfg)
-    monkeypatch.setattr("fflab.backprop.FUSED_SGD", False)
-    plain = make_optimizer(nets[1], cfg)
-    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    ours = make_optimizer(nets[0], cfg)
+    assert isinstance(ours, MomentumSGD)
+    theirs = torch.optim.SGD(nets[1].parameters(), lr=cfg.lr, momentum=0.9, weight_decay=0.01)
     g = torch.Generator().manual_seed(2)
     for _ in range(3):
         x = torch.rand(4, 30, generator=g, dtype=torch.float64)
         y = torch.randint(0, 10, (4,), generator=g)
-        for net, opt in zip(nets, (fused, plain), strict=True):
+        for net, opt in zip(nets, (ours, theirs), strict=True):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(net(x), y).backward()
             opt.step()
@@ -68,7 +67,10 @@ def test_hand_derived_step_equals_autograd(label_input, momentum, weight_cost):
     cfg = BPNetConfig(in_features=30, num_classes=4, hidden=(9, 7, 5), label_input=label_input)
     nets = [BPNet(cfg, torch.Generator().manual_seed(0)).double() for _ in range(2)]
     t = BPTrainConfig(lr=0.3, momentum=momentum, weight_cost=weight_cost)
-    opts = [make_optimizer(net, t) for net in nets]
+    opts = [
+        torch.optim.SGD(nets[0].parameters(), lr=0.3, momentum=momentum, weight_decay=weight_cost),
+        make_optimizer(nets[1], t),
+    ]
     g = torch.Generator().manual_seed(1)
     for _ in range(4):
         x = torch.rand(6, 30, generator=g, dtype=torch.float64)

@@ -9,6 +9,7 @@ from boltzmann_models import all_states, random_bm
 
 from fflab.boltzmann import (
     BoltzmannMachine,
+    bm_optimizer,
     exact_gradient,
     exact_log_prob,
     gibbs_sweep,
@@ -38,15 +39,31 @@ def test_constraints_hold_after_construction_and_updates():
         assert torch.equal(M, M.T) and torch.all(M.diagonal() == 0)
     g = torch.Generator().manual_seed(1)
     data = (torch.rand(8, 4, generator=g) < 0.5).double()
-    velocity = {}
+    opt = bm_optimizer(bm, lr=0.1, momentum=0.5, weight_decay=1e-3)
     for _ in range(3):
         grads = bm.gradient(data, generator=g)
         for name in ("L", "J"):
             assert torch.equal(grads[name], grads[name].T)
             assert torch.all(grads[name].diagonal() == 0)
-        bm.apply_gradient_(grads, velocity, lr=0.1, momentum=0.5, weight_decay=1e-3)
+        bm.apply_gradient_(grads, opt)
     for M in (bm.L, bm.J):
         assert torch.equal(M, M.T) and torch.all(M.diagonal() == 0)
+
+
+def test_update_decays_the_weights_only():
+    """bm_optimizer's step: v = m v + lr (g - wd p) with wd on W, L, J; p += v."""
+    bm = random_bm(3, 2, seed=3)
+    before = {n: p.detach().clone() for n, p in bm.named_parameters()}
+    grads = {n: torch.full_like(p, 0.5) for n, p in bm.named_parameters()}
+    for name in ("L", "J"):  # the tied-pair convention: symmetric, zero diagonal
+        grads[name].fill_diagonal_(0.0)
+    opt = bm_optimizer(bm, lr=0.1, momentum=0.5, weight_decay=0.2)
+    bm.apply_gradient_(grads, opt)
+    for name, p in bm.named_parameters():
+        decay = 0.2 * before[name] if name in ("W", "L", "J") else 0.0
+        v = 0.1 * (grads[name] - decay)
+        torch.testing.assert_close(p.detach(), before[name] + v, rtol=0, atol=1e-15)
+        torch.testing.assert_close(opt.state[p]["velocity"], v, rtol=0, atol=1e-15)
 
 
 def test_energy_matches_explicit_sum_over_pairs():

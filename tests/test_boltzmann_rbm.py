@@ -17,10 +17,10 @@ from fflab.boltzmann import (
     free_energy,
     hidden_probs,
     momentum_schedule,
+    rbm_optimizer,
     rbm_train_epoch,
     sample_hidden,
     sample_visible,
-    sgd_momentum_step_,
     visible_probs,
 )
 
@@ -230,25 +230,18 @@ def test_training_raises_exact_log_likelihood(persistent):
     rbm.init_visible_bias_from(data)
     with torch.no_grad():
         start = float(exact_log_prob(rbm, data).mean())  # ~ the independent-pixel model
-    velocity = {}
+    opt = rbm_optimizer(rbm, weight_decay=2e-4)
     metrics = []
     n_epochs = 14 if persistent else 8
     for epoch in range(n_epochs):
         # PCD wants a gentler step: constant momentum 0.5 and a final lr decay.
         lr = (0.05 if epoch < 10 else 0.01) if persistent else 0.05
         momentum = 0.5 if persistent else momentum_schedule(epoch, switch_epoch=2)
+        for group in opt.param_groups:
+            group.update(lr=lr, momentum=momentum)
         metrics.append(
             rbm_train_epoch(
-                rbm,
-                data,
-                batch_size=20,
-                lr=lr,
-                momentum=momentum,
-                weight_decay=2e-4,
-                k=1,
-                persistent=persistent,
-                generator=g,
-                velocity=velocity,
+                rbm, data, batch_size=20, optimizer=opt, k=1, persistent=persistent, generator=g
             )
         )
     with torch.no_grad():
@@ -257,7 +250,7 @@ def test_training_raises_exact_log_likelihood(persistent):
     # (about 4-5 nats here; the bar is 2.5).
     assert end > start + 2.5, (start, end)
     assert metrics[-1]["reconstruction_error"] < metrics[0]["reconstruction_error"]
-    assert set(velocity) == {"W", "b_v", "b_h"}
+    assert all(opt.state[p]["velocity"].abs().sum() > 0 for p in rbm.parameters())
     assert (rbm.persistent_h.shape[0] == 20) == persistent
 
 
@@ -285,42 +278,44 @@ def test_bad_input_raises():
     with pytest.raises(ValueError, match=r"shape \(\.\.\., 3\)"):
         rbm.visible_probs(torch.zeros(2, 4))
     with pytest.raises(ValueError, match="lr"):
-        rbm_train_epoch(rbm, torch.zeros(4, 4), lr=-1.0, generator=g)
+        rbm_optimizer(rbm, lr=-1.0)
     with pytest.raises(ValueError, match="momentum"):
-        rbm_train_epoch(rbm, torch.zeros(4, 4), momentum=1.5, generator=g)
+        rbm_optimizer(rbm, momentum=1.5)
+    with pytest.raises(ValueError, match="not a parameter"):  # another RBM's optimizer
+        rbm_train_epoch(rbm, torch.zeros(4, 4), optimizer=rbm_optimizer(RBM(4, 3)), generator=g)
     with pytest.raises(ValueError, match="batch_size"):
         rbm_train_epoch(rbm, torch.zeros(4, 4), batch_size=0, generator=g)
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.5])
 @pytest.mark.parametrize("folded", [False, True])
-def test_sgd_momentum_step_by_hand(momentum, folded):
+def test_rbm_optimizer_step_by_hand(momentum, folded):
     """v = m v + lr (g - wd p) with wd on W only, then p += v; twice, so the carried
     velocity counts (the momentum-0 path must still leave the right velocity behind).
     folded: W's gradient given as factors [[0.5]] @ [[0.5, 2]], folded in by one GEMM."""
     f64 = torch.float64
-    params = {"W": torch.tensor([[1.0, -2.0]], dtype=f64), "b_v": torch.tensor([0.5], dtype=f64)}
+    rbm = RBM(1, 2).double()
+    with torch.no_grad():
+        rbm.W.copy_(torch.tensor([[1.0, -2.0]], dtype=f64))
+        rbm.b_v.copy_(torch.tensor([0.5], dtype=f64))
     grads = {"W": torch.tensor([[0.25, 1.0]], dtype=f64), "b_v": torch.tensor([-1.0], dtype=f64)}
-    products = {"W": (torch.tensor([[0.5]], dtype=f64), torch.tensor([[0.5, 2.0]], dtype=f64))}
+    grads["b_h"] = torch.tensor([2.0, 0.0], dtype=f64)
+    factors = (torch.tensor([[0.5]], dtype=f64), torch.tensor([[0.5, 2.0]], dtype=f64))
     lr, wd = 0.1, 0.2
-    w, b = params["W"].clone(), params["b_v"].clone()
+    w, b = rbm.W.detach().clone(), rbm.b_v.detach().clone()
     vw, vb = torch.zeros_like(w), torch.zeros_like(b)
-    velocity: dict[str, torch.Tensor] = {}
+    opt = rbm_optimizer(rbm, lr=lr, momentum=momentum, weight_decay=wd)
     for _ in range(2):
-        given = {"b_v": grads["b_v"]} if folded else grads
-        sgd_momentum_step_(
-            params,
-            given,
-            velocity,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=wd,
-            products=products if folded else None,
-        )
+        for name, p in rbm.named_parameters():
+            if folded and name == "W":
+                opt.fold_product_(p, *factors)
+            else:
+                opt.fold_(p, grads[name])
+        opt.step()
         vw = momentum * vw + lr * (grads["W"] - wd * w)
         vb = momentum * vb + lr * grads["b_v"]
         w, b = w + vw, b + vb
-        torch.testing.assert_close(params["W"], w, rtol=0, atol=1e-15)
-        torch.testing.assert_close(params["b_v"], b, rtol=0, atol=1e-15)
-        torch.testing.assert_close(velocity["W"], vw, rtol=0, atol=1e-15)
+        torch.testing.assert_close(rbm.W.detach(), w, rtol=0, atol=1e-15)
+        torch.testing.assert_close(rbm.b_v.detach(), b, rtol=0, atol=1e-15)
+        torch.testing.assert_close(opt.state[rbm.W]["velocity"], vw, rtol=0, atol=1e-15)
     assert grads["W"].tolist() == [[0.25, 1.0]]  # the gradients are not consumed

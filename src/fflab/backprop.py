@@ -20,7 +20,7 @@ from fflab.checkpoint import flatten_optimizer, unflatten_optimizer
 from fflab.config import RunConfig
 from fflab.data import Datasets, Split
 from fflab.ff.functional import embed_label, rms_normalize, rms_normalize_backward, rms_scale
-from fflab.optim import FUSED_SGD, lr_factor
+from fflab.optim import MomentumSGD, lr_factor
 
 
 @dataclass(frozen=True)
@@ -89,27 +89,16 @@ class BPNet(nn.Module):
         return self.out(rms_normalize(h))
 
 
-def _momentum_buffer(optimizer: torch.optim.Optimizer, p: Tensor) -> Tensor:
-    state = optimizer.state[p]
-    if state.get("momentum_buffer") is None:  # torch.optim.SGD's first step: buf = grad
-        state["momentum_buffer"] = torch.zeros_like(p)
-    return state["momentum_buffer"]
-
-
 @torch.no_grad()
-def sgd_step_(net: BPNet, optimizer: torch.optim.SGD, x: Tensor, y: Tensor) -> Tensor:
+def sgd_step_(net: BPNet, optimizer: MomentumSGD, x: Tensor, y: Tensor) -> Tensor:
     """One step of ``optimizer`` on the batch-mean cross-entropy of (x, y); returns the loss.
 
-    The same step as ``cross_entropy(net(x), y).backward(); optimizer.step()`` (classic
-    momentum, weight decay on every parameter), with the gradients derived by hand: each
-    weight gradient ``dz' h`` is added into its momentum buffer by one GEMM (``buf = momentum
-    * buf + dz' h``) instead of being written to ``.grad``, and no gradient is taken with
-    respect to the input image. x: (B, D) images, y: (B,) labels.
+    The same step as ``cross_entropy(net(x), y).backward(); optimizer.step()``, with the
+    gradients derived by hand: each weight gradient ``dz' h`` is folded into its velocity by
+    one GEMM (:meth:`MomentumSGD.fold_product_`, ``v = momentum * v + dz' h`` in torch's
+    convention) instead of being written to ``.grad``, and no gradient is taken with respect
+    to the input image. x: (B, D) images, y: (B,) labels.
     """
-    (group,) = optimizer.param_groups
-    if group["nesterov"] or group["dampening"] or group["maximize"]:
-        raise ValueError("sgd_step_ does classic momentum only (no nesterov/dampening/maximize)")
-    lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
     mods = [*net.layers, net.out]
     # forward, keeping each module's normalized input h (B, in) and its scale r (B, 1)
     hs, rs = [], []
@@ -125,22 +114,16 @@ def sgd_step_(net: BPNet, optimizer: torch.optim.SGD, x: Tensor, y: Tensor) -> T
     dz = logp.exp_()  # softmax, then minus the one-hot target, over the batch size
     dz[torch.arange(y.shape[0], device=y.device), y] -= 1.0
     dz.div_(y.shape[0])
-    params, bufs = [], []
     for i in reversed(range(len(mods))):
         m, h = mods[i], hs[i]
         if i > 0:  # gradient with respect to this module's input (weights move only at the end)
             dh = dz @ m.weight  # (B, in)
-        wbuf = _momentum_buffer(optimizer, m.weight).addmm_(dz.t(), h, beta=mom)
-        bbuf = _momentum_buffer(optimizer, m.bias).mul_(mom).add_(dz.sum(0))
-        for p, buf in ((m.weight, wbuf), (m.bias, bbuf)):
-            if wd:
-                buf.add_(p, alpha=wd)
-            params.append(p)
-            bufs.append(buf)
+        optimizer.fold_product_(m.weight, dz.t(), h)
+        optimizer.fold_(m.bias, dz.sum(0))
         if i > 0:
             # h = relu(z) * r, so h > 0 exactly where the ReLU below passed its input
             dz = rms_normalize_backward(dh, h, rs[i]).masked_fill_(h <= 0, 0.0)
-    torch._foreach_add_(params, bufs, alpha=-lr)
+    optimizer.step()  # weight decay into the velocities, then p -= lr v: one pass each
     return loss
 
 
@@ -155,17 +138,11 @@ def error_rate(net: BPNet, split: Split, batch_size: int) -> float:
 
 
 def make_optimizer(net: nn.Module, t: BPTrainConfig) -> torch.optim.Optimizer:
-    """Adam, or SGD with classic momentum (torch's fused kernel where it runs: torch >= 2.4).
-
-    Build it after the net is on its device.
-    """
+    """Adam, or :class:`MomentumSGD` in ``torch.optim.SGD``'s convention (classic momentum,
+    weight decay on every parameter, inside the velocity)."""
     if t.optimizer == "adam":
         return torch.optim.Adam(net.parameters(), lr=t.lr, weight_decay=t.weight_cost)
-    params = list(net.parameters())
-    fused = FUSED_SGD and all(p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.SGD(
-        params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_cost, fused=fused or None
-    )
+    return MomentumSGD(net.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_cost)
 
 
 class BPExperiment:
@@ -175,7 +152,7 @@ class BPExperiment:
         t = config.train
         self.optimizer = make_optimizer(self.net, t)
         # SGD steps use the hand-derived gradients of sgd_step_; False: autograd (and Adam)
-        self.hand_derived = isinstance(self.optimizer, torch.optim.SGD)
+        self.hand_derived = isinstance(self.optimizer, MomentumSGD)
         self.epochs = t.epochs
         self.samples_per_epoch = len(data.train)
 

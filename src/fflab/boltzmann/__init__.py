@@ -4,7 +4,7 @@
 - ``bm``: general Boltzmann machine (lateral weights), sequential Gibbs, pairwise statistics.
 - ``exact``: brute-force log Z, log p(v) and likelihood gradients for small models.
 - ``ais``: annealed importance sampling of an RBM's log Z (Salakhutdinov & Murray 2008).
-- ``train``: one epoch of RBM training with momentum SGD, for the run framework.
+- ``train``: one epoch of RBM training with momentum SGD (:class:`fflab.optim.MomentumSGD`).
 """
 
 from .ais import (
@@ -18,6 +18,7 @@ from .ais import (
 from .bm import (
     BoltzmannMachine,
     bm_energy,
+    bm_optimizer,
     gibbs_sweep,
     joint_weights,
     mean_field_hidden,
@@ -37,7 +38,7 @@ from .rbm import (
     sample_visible,
     visible_probs,
 )
-from .train import momentum_schedule, rbm_train_epoch, sgd_momentum_step_
+from .train import momentum_schedule, rbm_optimizer, rbm_train_epoch
 
 __all__ = [
     "AISResult",
@@ -51,6 +52,7 @@ __all__ = [
     "binary_states",
     "block_gibbs_step",
     "bm_energy",
+    "bm_optimizer",
     "cd_gradient",
     "default_beta_schedule",
     "exact_gradient",
@@ -65,10 +67,10 @@ __all__ = [
     "mean_field_hidden",
     "momentum_schedule",
     "pairwise_statistics",
+    "rbm_optimizer",
     "rbm_train_epoch",
     "sample_hidden",
     "sample_visible",
-    "sgd_momentum_step_",
     "statistics_difference",
     "visible_probs",
 ]

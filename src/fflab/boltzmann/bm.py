@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from fflab.optim import MomentumSGD
+
 from ._checks import (
     bernoulli,
     check_batch,
@@ -33,6 +35,7 @@ from ._checks import (
 __all__ = [
     "BoltzmannMachine",
     "bm_energy",
+    "bm_optimizer",
     "joint_weights",
     "gibbs_sweep",
     "mean_field_hidden",
@@ -287,27 +290,26 @@ class BoltzmannMachine(nn.Module):
         return statistics_difference(pos, neg)
 
     @torch.no_grad()
-    def apply_gradient_(
-        self,
-        grads: dict[str, Tensor],
-        velocity: dict[str, Tensor],
-        *,
-        lr: float,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-    ) -> None:
-        """Momentum SGD ascent step in place; weight decay on W, L, J (not the biases).
-
-        ``velocity`` maps parameter names to buffers (created here if missing) and is
-        updated in place: vel = momentum * vel + lr * (grad - weight_decay * param).
-        """
+    def apply_gradient_(self, grads: dict[str, Tensor], optimizer: MomentumSGD) -> None:
+        """One step of ``optimizer`` (see :func:`bm_optimizer`) on ``grads`` (keyed by
+        parameter name), then the constraints on L and J restored."""
         for name, param in self.named_parameters():
-            g = grads[name]
-            if weight_decay and name in ("W", "L", "J"):
-                g = g - weight_decay * param
-            vel = velocity.get(name)
-            if vel is None:
-                vel = velocity[name] = torch.zeros_like(param)
-            vel.mul_(momentum).add_(g, alpha=lr)
-            param.add_(vel)
+            optimizer.fold_(param, grads[name])
+        optimizer.step()
         self.project_()
+
+
+def bm_optimizer(
+    bm: BoltzmannMachine, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0
+) -> MomentumSGD:
+    """Momentum SGD ascent for ``bm``: ``v = m v + lr (g - wd p)`` with weight decay on W, L
+    and J (not the biases), ``p += v``.
+
+    Group 0 holds W, L, J (weight decay ``weight_decay``), group 1 the biases (none); set
+    ``lr`` and ``momentum`` of both per epoch, as with any torch optimizer.
+    """
+    groups = [
+        {"params": [bm.W, bm.L, bm.J], "weight_decay": weight_decay},
+        {"params": [bm.b_v, bm.b_h], "weight_decay": 0.0},
+    ]
+    return MomentumSGD(groups, lr=lr, momentum=momentum, lr_in_velocity=True, maximize=True)

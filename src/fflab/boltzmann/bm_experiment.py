@@ -24,9 +24,9 @@ from torch import Tensor
 from fflab.config import RunConfig
 from fflab.data import Datasets, Split
 
-from .bm import BoltzmannMachine
+from .bm import BoltzmannMachine, bm_optimizer
 from .exact import MAX_EXACT_UNITS, exact_log_prob, exact_log_z
-from .experiment import MomentumState, check_optimizer_settings, lr_and_momentum
+from .experiment import MomentumState, check_optimizer_settings
 
 
 def pool_binary(
@@ -122,8 +122,11 @@ class BMExperiment(MomentumState):
         with torch.no_grad():
             mean = self.train_x.double().mean(0).clamp(1e-2, 1 - 1e-2)
             self.bm.b_v.copy_(torch.log(mean) - torch.log1p(-mean))
-        self.velocity: dict[str, Tensor] = {}
-        self.epochs = config.train.epochs
+        t: BMTrainConfig = config.train
+        self.optimizer = bm_optimizer(
+            self.bm, lr=t.lr, momentum=t.momentum_initial, weight_decay=t.weight_decay
+        )
+        self.epochs = t.epochs
         self.samples_per_epoch = self.train_x.shape[0]
 
     def _logprob(self, x: Tensor) -> float:
@@ -132,7 +135,7 @@ class BMExperiment(MomentumState):
 
     def train_epoch(self, epoch: int, generator: torch.Generator, on_batch) -> dict[str, float]:
         t = self.config.train
-        lr, momentum = lr_and_momentum(t, epoch)
+        lr, momentum = self.set_epoch(t, epoch)
         n = self.train_x.shape[0]
         order = torch.randperm(n, generator=generator, device=generator.device)
         for start in range(0, n, t.batch_size):
@@ -145,9 +148,7 @@ class BMExperiment(MomentumState):
                 negative_sweeps=t.negative_sweeps,
                 n_chains=t.n_chains,
             )
-            self.bm.apply_gradient_(
-                grads, self.velocity, lr=lr, momentum=momentum, weight_decay=t.weight_decay
-            )
+            self.bm.apply_gradient_(grads, self.optimizer)
             on_batch(min(start + t.batch_size, n), {})
         train_lp = self._logprob(self.train_x)
         return {"loss": -train_lp, "train_logprob_exact": train_lp, "lr": lr, "momentum": momentum}

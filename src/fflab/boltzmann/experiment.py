@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fflab.optim import lr_factor
+from fflab.optim import VELOCITY, MomentumSGD, lr_factor
 
 from .train import momentum_schedule
 
@@ -37,25 +37,43 @@ def check_optimizer_settings(t) -> None:
 
 
 class MomentumState:
-    """Checkpoint hooks shared by the Boltzmann adapters: the model and its momentum velocity.
+    """What the Boltzmann adapters share: the epoch's lr and momentum, and the checkpoint of
+    the model and its momentum velocities.
 
-    A subclass names its model in ``model`` and keeps its velocities in ``self.velocity``.
+    A subclass names its model in ``model`` and keeps its :class:`~fflab.optim.MomentumSGD`
+    in ``self.optimizer``. The velocities are saved as ``velocity.<parameter name>``; the
+    optimizer's settings come from the run's config.
     """
 
-    velocity: dict[str, Tensor]
+    optimizer: MomentumSGD
 
     @property
     def model(self) -> torch.nn.Module:
         raise NotImplementedError
 
+    def set_epoch(self, t, epoch: int) -> tuple[float, float]:
+        """Set the optimizer's lr and momentum for 0-based ``epoch`` of train config ``t``;
+        returns them."""
+        lr, momentum = lr_and_momentum(t, epoch)
+        for group in self.optimizer.param_groups:
+            group.update(lr=lr, momentum=momentum)
+        return lr, momentum
+
     def state_tensors(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        tensors.update({f"velocity.{k}": v for k, v in self.velocity.items()})
+        state = self.optimizer.state
+        for name, p in self.model.named_parameters():
+            if p in state and VELOCITY in state[p]:
+                tensors[f"velocity.{name}"] = state[p][VELOCITY]
         return tensors, {}
 
     def load_state_tensors(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        self.velocity = {k[9:]: v.clone() for k, v in tensors.items() if k.startswith("velocity.")}
+        self.optimizer.state.clear()
+        for name, p in self.model.named_parameters():
+            v = tensors.get(f"velocity.{name}")
+            if v is not None:
+                self.optimizer.state[p][VELOCITY] = v.clone()
 
     def parameters_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())

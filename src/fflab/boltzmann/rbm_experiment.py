@@ -28,9 +28,9 @@ from fflab.data import Datasets
 from ._checks import bernoulli
 from .ais import ais_log_z, make_base_rate_visible_bias
 from .exact import binary_states
-from .experiment import MomentumState, check_optimizer_settings, is_binary, lr_and_momentum
+from .experiment import MomentumState, check_optimizer_settings, is_binary
 from .rbm import RBM, free_energy, visible_probs
-from .train import rbm_train_epoch
+from .train import rbm_optimizer, rbm_train_epoch
 
 
 @dataclass(frozen=True)
@@ -185,25 +185,24 @@ class RBMExperiment(MomentumState):
         self.rbm = RBM(m.n_visible, m.n_hidden, generator=generator).to(device)
         if t.init_visible_bias:
             self.rbm.init_visible_bias_from(data.train.x)
-        self.velocity: dict[str, Tensor] = {}
+        self.optimizer = rbm_optimizer(
+            self.rbm, lr=t.lr, momentum=t.momentum_initial, weight_decay=t.weight_decay
+        )
         self.epochs = t.epochs
         self.samples_per_epoch = len(data.train)
 
     def train_epoch(self, epoch: int, generator: torch.Generator, on_batch) -> dict[str, float]:
         t = self.config.train
-        lr, momentum = lr_and_momentum(t, epoch)
+        lr, momentum = self.set_epoch(t, epoch)
         k = t.k_at(epoch)
         stats = rbm_train_epoch(
             self.rbm,
             self.data.train.x,
             batch_size=t.batch_size,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=t.weight_decay,
+            optimizer=self.optimizer,
             k=k,
             persistent=t.persistent,
             generator=generator,
-            velocity=self.velocity,
             on_batch=on_batch,
         )
         return {

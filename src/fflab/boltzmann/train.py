@@ -1,9 +1,10 @@
 """One epoch of RBM training with CD-k or PCD and momentum SGD (no autograd).
 
 The update follows Hinton's practical guide: velocity = momentum * velocity
-+ lr * (grad - weight_decay * W) with weight decay on W only, then param += velocity.
-The caller owns the velocity dict (checkpoint it with the model to resume exactly);
-:func:`momentum_schedule` gives the guide's 0.5 -> 0.9 switch after 5 epochs.
++ lr * (grad - weight_decay * W) with weight decay on W only, then param += velocity, by the
+:class:`~fflab.optim.MomentumSGD` of :func:`rbm_optimizer`. The caller owns the optimizer
+(checkpoint its velocities with the model to resume exactly); :func:`momentum_schedule`
+gives the guide's 0.5 -> 0.9 switch after 5 epochs.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from fflab.optim import MomentumSGD
+
 from ._checks import check_batch, check_generator, check_unit_interval, check_units
 from .rbm import RBM, cd_gradient, visible_probs
 
-__all__ = ["rbm_train_epoch", "sgd_momentum_step_", "momentum_schedule"]
+__all__ = ["rbm_train_epoch", "rbm_optimizer", "momentum_schedule"]
 
 # The monitored values (reconstruction error, free energy of the data) cost passes the update
 # does not need (PCD's reconstruction a whole down-pass): they are taken on 1 batch in 10.
@@ -30,48 +33,20 @@ def momentum_schedule(
     return initial if epoch < switch_epoch else final
 
 
-@torch.no_grad()
-def sgd_momentum_step_(
-    params: dict[str, Tensor],
-    grads: dict[str, Tensor],
-    velocity: dict[str, Tensor],
-    *,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    decayed: tuple[str, ...] = ("W",),
-    products: dict[str, tuple[Tensor, Tensor]] | None = None,
-) -> None:
-    """In-place ascent step: v = m v + lr (g - wd p) (wd only on ``decayed``); p += v.
+def rbm_optimizer(
+    rbm: RBM, *, lr: float = 0.05, momentum: float = 0.5, weight_decay: float = 2e-4
+) -> MomentumSGD:
+    """The practical guide's momentum ascent for ``rbm``: ``v = m v + lr (g - wd W)`` with
+    weight decay on W only, ``p += v``.
 
-    ``products`` gives gradients as factor pairs ``(a, b)`` with g = a @ b instead of in
-    ``grads``; they are folded into the velocity by one GEMM (``beta = m``), which spares
-    writing g and two passes over it.
+    Group 0 holds W (weight decay ``weight_decay``), group 1 the biases (none); set ``lr`` and
+    ``momentum`` of both per epoch, as with any torch optimizer.
     """
-    products = products or {}
-    names = list(params)
-    for name in names:
-        if name not in velocity:
-            velocity[name] = torch.zeros_like(params[name])
-    dense = [n for n in names if n not in products]
-    vels = [velocity[n] for n in dense]
-    torch._foreach_mul_(vels, momentum)
-    torch._foreach_add_(vels, [grads[n] for n in dense], alpha=lr)
-    for name, (a, b) in products.items():
-        velocity[name].addmm_(a, b, beta=momentum, alpha=lr)
-    if weight_decay:
-        for name in (n for n in decayed if n in params):
-            velocity[name].add_(params[name], alpha=-lr * weight_decay)
-    torch._foreach_add_([params[n] for n in names], [velocity[n] for n in names])
-
-
-def _check_float(value: float, name: str, lo: float, hi: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if not (value >= lo and (hi is None or value <= hi)):
-        bounds = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be {bounds}, got {value!r}")
-    return float(value)
+    groups = [
+        {"params": [rbm.W], "weight_decay": weight_decay},
+        {"params": [rbm.b_v, rbm.b_h], "weight_decay": 0.0},
+    ]
+    return MomentumSGD(groups, lr=lr, momentum=momentum, lr_in_velocity=True, maximize=True)
 
 
 @torch.no_grad()
@@ -80,21 +55,20 @@ def rbm_train_epoch(
     data: Tensor,
     *,
     batch_size: int = 100,
-    lr: float = 0.05,
-    momentum: float = 0.5,
-    weight_decay: float = 2e-4,
+    optimizer: MomentumSGD | None = None,
     k: int = 1,
     persistent: bool = False,
     generator: torch.Generator,
-    velocity: dict[str, Tensor] | None = None,
     shuffle: bool = True,
     on_batch: Callable[[int, Callable[[], dict[str, float]]], None] | None = None,
 ) -> dict[str, float]:
     """Train ``rbm`` in place for one pass over ``data`` (N, V) in minibatches.
 
     persistent=False: CD-k; True: PCD-k with ``batch_size`` chains in the RBM's buffers.
-    velocity: momentum buffers keyed by parameter name, updated in place; None starts
-    from zero (so pass the same dict every epoch to carry momentum across epochs).
+    optimizer: a :class:`~fflab.optim.MomentumSGD` over the RBM's parameters, as
+    :func:`rbm_optimizer` builds it (its lr and momentum are this epoch's; pass the same one
+    every epoch to carry the velocities across epochs); None: a fresh :func:`rbm_optimizer`
+    with the guide's settings (lr 0.05, momentum 0.5, weight decay 2e-4).
     A last partial batch is used as is. ``data`` is cast to the RBM's dtype per batch
     and is never modified.
 
@@ -111,11 +85,8 @@ def rbm_train_epoch(
     check_unit_interval(data, "data")
     check_units(batch_size, "batch_size")
     check_generator(generator)
-    lr = _check_float(lr, "lr", 0.0)
-    momentum = _check_float(momentum, "momentum", 0.0, 1.0)
-    weight_decay = _check_float(weight_decay, "weight_decay", 0.0)
-    if velocity is None:
-        velocity = {}
+    if optimizer is None:
+        optimizer = rbm_optimizer(rbm)
     params = dict(rbm.named_parameters())
     W, b_v, b_h = rbm.W, rbm.b_v, rbm.b_h
     n = data.shape[0]
@@ -154,15 +125,10 @@ def rbm_train_epoch(
             recon_sum += (v - recon).square_().sum().double()
             fe_sum += result.data_free_energy.sum().double()
             monitored += v.shape[0]
-        sgd_momentum_step_(
-            params,
-            result.grads,
-            velocity,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            products={"W": result.weight_factors},
-        )
+        optimizer.fold_product_(W, *result.weight_factors)  # one GEMM, no dense gradient
+        for name, grad in result.grads.items():  # the biases
+            optimizer.fold_(params[name], grad)
+        optimizer.step()
         if on_batch is not None:
             done = min(start + batch_size, n)
             on_batch(done, lambda r=recon_sum, m=monitored: {"loss": float(r) / m})
