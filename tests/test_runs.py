@@ -73,7 +73,7 @@ def test_checkpoint_round_trip_keeps_peer_norm_and_optimizer(tmp_path, mnist_dir
     assert torch.equal(exp.net.running_mean(0), tensors["model.running_mean_0"])
     assert not torch.equal(exp.net.running_mean(0), rm_fresh)
     st = exp.trainer.optimizer.state[exp.net.layers[0].weight]
-    assert torch.equal(st["inc"], tensors["optim.0.inc"])
+    assert torch.equal(st["velocity"], tensors["optim.0.velocity"])
     t2, m2 = exp.state_tensors()
     assert t2.keys() == tensors.keys()
     assert all(torch.equal(t2[k], tensors[k]) for k in tensors)

@@ -80,7 +80,9 @@ def unflatten_optimizer(
     for key, v in tensors.items():
         if key.startswith(prefix + "."):
             idx, k = key[len(prefix) + 1 :].split(".", 1)
-            state.setdefault(int(idx), {})[k] = v
+            # a fresh copy: tensors read from a file can be misaligned in memory, and kernels
+            # (GEMMs, fused steps) then round differently, so a resumed run would drift
+            state.setdefault(int(idx), {})[k] = v.clone()
     for key, v in meta["scalars"].items():
         idx, k = key.split(".", 1)
         state.setdefault(int(idx), {})[k] = v

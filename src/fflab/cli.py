@@ -70,6 +70,8 @@ def _print_results(summary: dict) -> None:
     keys = [k for k in summary if k.startswith(shown)]
     for k in keys:
         v = summary[k]
+        if isinstance(v, list):
+            v = ", ".join(f"{e:.4f}" if isinstance(e, float) else str(e) for e in v)
         print(f"{k:>24}: {v:.4f}" if isinstance(v, float) else f"{k:>24}: {v}")
 
 

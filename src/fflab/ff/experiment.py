@@ -1,7 +1,14 @@
-"""A supervised FF run: the glue between :class:`FFTrainer` and the run loop."""
+"""An FF run, supervised or unsupervised: the glue between :class:`FFTrainer` and the run loop.
+
+A supervised net is evaluated by goodness scoring and its softmax head. An unsupervised net is
+evaluated by linear probes trained after FF on its frozen features: one on the layers the head
+reads (``model.head_from``.., the paper's last three), stored as the net's head so that
+``predict(x, "softmax")`` uses it, and one on each hidden layer alone.
+"""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -11,6 +18,7 @@ from fflab.checkpoint import flatten_optimizer, unflatten_optimizer
 from fflab.config import RunConfig
 from fflab.data import Datasets, Split
 from fflab.ff.model import FFNet, FFNetConfig
+from fflab.ff.probe import ProbeConfig, fit_probes, layer_features, probe_error
 from fflab.ff.train import FFTrainer
 
 
@@ -76,12 +84,18 @@ class FFExperiment:
         return out
 
     def epoch_evaluation(self) -> dict[str, float]:
-        out = {}
+        out: dict[str, float] = {}
+        val, log_test = self.data.validation, self.config.train.log_test_error
+        if not self.net.config.supervised:
+            if val is not None or log_test:
+                probe = self._probes(layers_alone=False)
+                out.update({k: v for k, v in probe.items() if k.startswith(("val_", "test_"))})
+            return out
         bs = self.config.data.eval_batch_size
-        if self.data.validation is not None:
-            out["val_error_goodness"] = error_rate(self.net, self.data.validation, "goodness", bs)
-            out["val_error_softmax"] = error_rate(self.net, self.data.validation, "softmax", bs)
-        if self.config.train.log_test_error:
+        if val is not None:
+            out["val_error_goodness"] = error_rate(self.net, val, "goodness", bs)
+            out["val_error_softmax"] = error_rate(self.net, val, "softmax", bs)
+        if log_test:
             out["test_error_goodness"] = error_rate(self.net, self.data.test, "goodness", bs)
             out["test_error_softmax"] = error_rate(self.net, self.data.test, "softmax", bs)
         return out
@@ -89,6 +103,8 @@ class FFExperiment:
     def evaluate(self) -> dict[str, Any]:
         bs = self.config.data.eval_batch_size
         self.net.eval()
+        if not self.net.config.supervised:
+            return self._probes(layers_alone=True)
         out = {
             "test_error_goodness": error_rate(self.net, self.data.test, "goodness", bs),
             "test_error_softmax": error_rate(self.net, self.data.test, "softmax", bs),
@@ -97,6 +113,52 @@ class FFExperiment:
         if self.data.validation is not None:
             out["val_error_goodness"] = error_rate(self.net, self.data.validation, "goodness", bs)
             out["val_error_softmax"] = error_rate(self.net, self.data.validation, "softmax", bs)
+        return out
+
+    def _probes(self, layers_alone: bool) -> dict[str, Any]:
+        """Train the linear probe(s) on frozen features; errors in percent.
+
+        The probe on layers ``head_from..`` becomes the net's head. With ``layers_alone``
+        also one probe per hidden layer (``test_error_probe_layers``). Randomness: a
+        generator seeded with the run's seed, so the probe is the same on every evaluation of
+        the same weights.
+        """
+        tcfg, net = self.config.train, self.net
+        pcfg = ProbeConfig(tcfg.probe_epochs, tcfg.probe_lr, tcfg.probe_weight_decay)
+        bs = self.config.data.eval_batch_size
+        splits = {"train": self.data.train, "test": self.data.test}
+        if self.data.validation is not None:
+            splits["val"] = self.data.validation
+        feats = {k: layer_features(net, s.x, bs) for k, s in splits.items()}
+        ys = {k: s.y for k, s in splits.items()}
+        head = list(range(net.config.head_from, net.num_layers))
+        groups = {"probe": head}
+        if layers_alone:
+            groups.update({f"layer{i}": [i] for i in range(net.num_layers)})
+        # every probe reads its layers' columns of one feature matrix; fitted together
+        starts = [0, *itertools.accumulate(net.config.hidden)]
+        columns = [
+            [j for i in layers for j in range(starts[i], starts[i + 1])]
+            for layers in groups.values()
+        ]
+        every = {k: torch.cat(f, 1) for k, f in feats.items()}  # (N, sum of widths)
+        del feats
+        gen = torch.Generator().manual_seed(self.config.seed)
+        c = net.config.num_classes
+        fitted = fit_probes(every["train"], columns, ys["train"], c, pcfg, gen)
+        out: dict[str, Any] = {"probe_layers": head}
+        for name, cols, (w, b) in zip(groups, columns, fitted, strict=True):
+            idx = torch.as_tensor(cols, device=every["train"].device)
+            errs = {k: probe_error(w, b, f.index_select(1, idx), ys[k]) for k, f in every.items()}
+            if name == "probe":
+                with torch.no_grad():
+                    net.head.weight.copy_(w)
+                    net.head.bias.copy_(b)
+                for k, e in errs.items():
+                    out[f"{k}_error_probe"] = e
+            else:
+                for k, e in errs.items():
+                    out.setdefault(f"{k}_error_probe_layers", []).append(e)
         return out
 
     def state_tensors(self) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -78,11 +78,11 @@ class FFTrainConfig:
     input_dropout: float = 0.0
     dropout: float = 0.0
     log_test_error: bool = False  # log test error per epoch (time-to-accuracy curves only)
-    # the linear probe of an unsupervised net, trained after FF on frozen features: Adam with
-    # L2 weight decay, batch 100
-    probe_epochs: int = 20
-    probe_lr: float = 1e-3
-    probe_weight_decay: float = 1e-4
+    # the linear probe of an unsupervised net, trained after FF on frozen features: Adam,
+    # batch 100 (defaults chosen on a validation split: see fflab.ff.probe.ProbeConfig)
+    probe_epochs: int = 40
+    probe_lr: float = 1e-4
+    probe_weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
