@@ -12,11 +12,14 @@ Layout (chosen so that every product is one batched GEMM on contiguous operands)
 - ``weight`` is ``(L, C_out, K)``: ``L = H_out * W_out`` locations (row-major), ``K = C_in * k
   * k`` window entries ordered ``(c_in, dy, dx)`` (``F.unfold``'s order); ``bias`` is
   ``(L, C_out)``;
-- the input is gathered once per call, with precomputed indices, into its transposed patches
-  ``P`` (L, K, N): row ``(l, kk)`` of ``P`` is the input feature that window entry ``kk`` of
-  location ``l`` reads, across the batch (padding reads an appended zero feature). Then
-  ``z' = W P`` (L, C_out, N) and ``dW = dz' P'`` (L, C_out, K) are one ``bmm`` each, over
-  locations, with the batch as the long GEMM dimension.
+- the input is gathered, with precomputed indices, into its transposed patches ``P`` (L, K,
+  N): row ``(l, kk)`` of ``P`` is the input feature that window entry ``kk`` of location
+  ``l`` reads, across the batch (padding reads an appended zero feature). Then ``z' = W P``
+  (L, C_out, N) and ``dW = dz' P'`` (L, C_out, K) are batched matrix products over
+  locations, with the batch as the long GEMM dimension. Both run over blocks of locations
+  whose patches fill a few MiB, each gathered right before its ``bmm`` (see
+  :meth:`LocallyConnected2d._blocks`: this is 4-6 times faster than one gather of all
+  patches on a 2-core CPU).
 """
 
 from __future__ import annotations
@@ -131,39 +134,69 @@ class LocallyConnected2d(nn.Module):
                 f"got {tuple(h.shape)}"
             )
 
-    def patches(self, h: Tensor) -> Tensor:
-        """Transposed patches ``P`` (L, K, N) of the input rows ``h`` (N, in_features)."""
+    def _columns(self, h: Tensor) -> Tensor:
+        """The input as columns ``h'`` (in_features [+ 1 zero row for padding], N), contiguous."""
         self._check(h)
         ht = h.T
         if self.padded:  # a zero feature for the padding to read
-            ht = torch.cat([ht, ht.new_zeros(1, ht.shape[1])])
-        else:
-            ht = ht.contiguous()
+            return torch.cat([ht, ht.new_zeros(1, ht.shape[1])])
+        return ht.contiguous()
+
+    def _blocks(self, n: int) -> list[tuple[int, int]]:
+        """Runs of locations ``[start, stop)`` whose patches for ``n`` rows fill ~4 MiB.
+
+        The patches of all locations would be ``L * K * N`` values (47 MB for a 5x5 layer of
+        12 channels on 14x14 at 200 rows): memory glibc hands out fresh from the OS on every
+        call (its mmap threshold cannot exceed 32 MiB), paying a page fault per 4 KiB, and
+        that no cache holds. A block is gathered and multiplied while it is in cache.
+        """
+        per = max(1, (1 << 20) // max(1, self.fan_in * n))
+        return [(s, min(s + per, self.locations)) for s in range(0, self.locations, per)]
+
+    def _patch_block(self, ht: Tensor, start: int, stop: int) -> Tensor:
+        """Transposed patches ``P[start:stop]`` (stop - start, K, N) from columns ``ht``."""
+        idx = self.index[start * self.fan_in : stop * self.fan_in]
+        return ht.index_select(0, idx).view(stop - start, self.fan_in, -1)
+
+    def patches(self, h: Tensor) -> Tensor:
+        """Transposed patches ``P`` (L, K, N) of the input rows ``h`` (N, in_features)."""
+        ht = self._columns(h)
         return ht.index_select(0, self.index).view(self.locations, self.fan_in, -1)
 
     def forward(self, h: Tensor) -> Tensor:
         """Total input ``z`` (N, out_features) of input rows ``h`` (N, in_features).
 
-        Differentiable with autograd (weight, bias and input).
+        ``z' = W P + b`` per location, one ``baddbmm`` per block of locations (see
+        :meth:`_blocks`). Differentiable with autograd (weight, bias and input).
         """
-        p = self.patches(h)
-        zt = torch.baddbmm(self.bias.unsqueeze(2), self.weight, p)  # (L, C_out, N)
+        ht = self._columns(h)
+        zt = torch.cat(
+            [
+                torch.baddbmm(
+                    self.bias[s:e].unsqueeze(2), self.weight[s:e], self._patch_block(ht, s, e)
+                )
+                for s, e in self._blocks(h.shape[0])
+            ]
+        )  # (L, C_out, N)
         return zt.permute(2, 1, 0).reshape(h.shape[0], self.out_features)
 
     def local_grad(self, h: Tensor, dz: Tensor, sink: GradSink) -> None:
         """Hand ``sink`` the gradients of ``sum(dz * forward(h))`` w.r.t. weight and bias.
 
         ``h`` (N, in_features), ``dz`` (N, out_features). ``dW = dz' P'`` per location, one
-        ``bmm`` over locations; ``db`` is the column sum of ``dz``. Both go to ``sink(param,
-        grad)`` in the parameter's shape.
+        ``bmm`` per block of locations; ``db`` is the column sum of ``dz``. Both go to
+        ``sink(param, grad)`` in the parameter's shape.
         """
         n = h.shape[0]
         if dz.shape != (n, self.out_features):
             raise ValueError(f"expected dz ({n}, {self.out_features}), got {tuple(dz.shape)}")
-        p = self.patches(h)
+        ht = self._columns(h)
         c_out = self.out_shape[0]
         dzt = dz.view(n, c_out, self.locations).permute(2, 1, 0).contiguous()  # (L, C_out, N)
-        sink(self.weight, torch.bmm(dzt, p.transpose(1, 2)))
+        dw = torch.empty_like(self.weight)  # (L, C_out, K)
+        for s, e in self._blocks(n):
+            torch.bmm(dzt[s:e], self._patch_block(ht, s, e).transpose(1, 2), out=dw[s:e])
+        sink(self.weight, dw)
         sink(self.bias, dz.sum(0).view(c_out, self.locations).T)
 
     @torch.no_grad()
