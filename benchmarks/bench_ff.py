@@ -23,7 +23,11 @@ counted):
   1..L-1: C * sum 2 * H_{l-1} * H_l.
 - Softmax head inference, per image: one neutral pass 2 * (Dx * H0 + sum H_{l-1} * H_l) + head.
 
-Results go to benchmarks/results/ff-<host>-<date>.json and a table is printed.
+Then the locally connected layers of the mnist-ff-unsup-local preset (see :func:`bench_local`):
+each layer's FF work (forward and weight gradient on the positive and negative rows), 2 * 2 *
+(2 L C_out K) FLOPs per sample, and the whole unsupervised step of that net.
+
+Results go to benchmarks/results/ff-<device>-<date>.json and a table is printed.
 """
 
 from __future__ import annotations
@@ -164,6 +168,72 @@ def bench_one(hidden, batch, x, y, device, min_seconds, n_rounds=3):
     return row
 
 
+def local_layer_flops(layer) -> int:
+    """FLOPs per input row of a local layer's forward or weight gradient: 2 L C_out K."""
+    return 2 * layer.locations * layer.out_shape[0] * layer.fan_in
+
+
+def bench_local(device, min_seconds, n_rounds=3, batch=100):
+    """Locally connected layers of the mnist-ff-unsup-local preset, timed as FF trains them.
+
+    Per layer: ``forward`` on the 2B positive and negative rows and ``local_grad`` on them
+    (what an FF step asks of a layer), FLOPs 2 * 2B * (2 L C_out K). Then the whole
+    unsupervised FF step of the preset's net (hybrid negatives, peer normalization), FLOPs
+    counted the same way for all its layers. Each timing sits between two matmul probes;
+    the median round (by fraction) is reported.
+    """
+    from fflab.ff.local import LocallyConnected2d
+    from fflab.presets import resolve
+
+    cfg = resolve("mnist-ff-unsup-local").model
+    init = torch.Generator().manual_seed(0)
+    net = FFNet(cfg, generator=init).to(device)
+    tr = FFTrainer(net, FFTrainConfig(negatives="hybrid"))
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.rand(batch, cfg.in_features, generator=init).to(device)
+    y = torch.zeros(batch, dtype=torch.long, device=device)
+    entries = []
+    for i, layer in enumerate(net.layers):
+        if not isinstance(layer, LocallyConnected2d):
+            continue
+        h = torch.rand(2 * batch, layer.in_features, generator=init).to(device)
+        dz = torch.randn(2 * batch, layer.out_features, generator=init).to(device)
+
+        def layer_step(layer=layer, h=h, dz=dz):
+            with torch.no_grad():
+                layer(h)
+                layer.local_grad(h, dz, lambda p, a, b=None, columns=None: None)
+
+        name = f"layer{i} {layer.in_shape}->{layer.out_shape} k={layer.kernel_size}"
+        entries.append((name, layer_step, 2 * 2 * local_layer_flops(layer)))
+    step_flops = sum(
+        2 * 2 * local_layer_flops(m) if isinstance(m, LocallyConnected2d) else 8 * m.weight.numel()
+        for m in net.layers
+    )
+    entries.append(("unsupervised FF step", lambda: tr.step(x, y, g), step_flops))
+    rows, probe = [], matmul_rate(device)
+    results = {name: [] for name, _, _ in entries}
+    for _ in range(n_rounds):
+        for name, fn, fl in entries:
+            sec = timed(fn, device, min_seconds)
+            after = matmul_rate(device)
+            sps, rate = batch / sec, (probe + after) / 2
+            results[name].append(
+                {
+                    "samples_per_second": sps,
+                    "gflops": fl * sps / 1e9,
+                    "matmul_gflops": rate,
+                    "fraction_of_matmul": fl * sps / 1e9 / rate,
+                    "flops_per_sample": fl,
+                }
+            )
+            probe = after
+    for name, _, _ in entries:
+        by_fraction = sorted(results[name], key=lambda r: r["fraction_of_matmul"])
+        rows.append({"entry": name, "batch": batch, **by_fraction[(n_rounds - 1) // 2]})
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default=None)
@@ -208,6 +278,13 @@ def main(argv=None) -> int:
                 + f"  FF/BP time {r['ff_bp_time_ratio']:.2f} flops {r['ff_bp_flop_ratio']:.2f}",
                 flush=True,
             )
+    local_rows = bench_local(device, min_seconds, args.rounds)
+    for r in local_rows:
+        print(
+            f"local {r['entry']:>44} b={r['batch']}: {r['samples_per_second']:7.0f}/s "
+            f"{r['gflops']:6.1f} GFLOP/s, {100 * r['fraction_of_matmul']:3.0f}% of matmul",
+            flush=True,
+        )
     info = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -222,6 +299,7 @@ def main(argv=None) -> int:
         "fflab": fflab.__version__,
         "data": source,
         "results": rows,
+        "local": local_rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")

@@ -76,7 +76,7 @@ PRESETS: dict[str, Preset] = {
             "ff",
             "unsupervised FF in minutes: 3 x 1000 (the probe reads all three layers), 32 "
             "epochs, otherwise as mnist-ff-unsup",
-            "fflab: not yet measured",
+            "fflab, 2-core CPU: 1.72% test error (probe; seed 0) in under 9 minutes",
             {
                 "model": {**_UNSUP_MODEL, "hidden": [1000, 1000, 1000], "head_from": 0},
                 "train": {**_UNSUP_TRAIN, "epochs": 32},
