@@ -93,6 +93,34 @@ def timed(fn, device, min_seconds: float, warmup: float = 0.25) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def machine_info(device) -> dict:
+    """Command, date, machine and versions for a result file."""
+    return {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
+
+
+def write_result(out: Path, prefix: str, info: dict) -> Path:
+    """Write ``info`` to ``out/<prefix>-<UTC time>.json`` atomically (temporary name, rename)."""
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
+    path = out / f"{prefix}-{stamp}.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    tmp.replace(path)
+    print(f"wrote {path}")
+    return path
+
+
 def flops(hidden):
     dx = D - C  # overlay: the label replaces C pixels
     pairs = list(zip(hidden[:-1], hidden[1:], strict=True))
@@ -286,26 +314,13 @@ def main(argv=None) -> int:
             flush=True,
         )
     info = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "host": socket.gethostname(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
+        **machine_info(device),
         "fflab": fflab.__version__,
         "data": source,
         "results": rows,
         "local": local_rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
-    path = args.out / f"ff-{device.type}-{stamp}.json"
-    path.write_text(json.dumps(info, indent=2))
-    print(f"wrote {path}")
+    write_result(args.out, f"ff-{device.type}", info)
     return 0
 
 

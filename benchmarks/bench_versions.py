@@ -17,11 +17,8 @@ fraction of the matmul rate. Results go to benchmarks/results/versions-<device>-
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from bench_ff import machine_info, write_result
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -115,11 +113,14 @@ def main(argv=None) -> int:
         text=True,
     ).stdout.strip()
     head_commit = subprocess.run(
-        ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
         check=True,
         capture_output=True,
         text=True,
     ).stdout.strip()
+    src_changed = subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", "HEAD", "--", "src"])
+    if src_changed.returncode:  # the working tree's src/ differs from HEAD's
+        head_commit += "+changes"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         versions = {"base": export(args.base, Path(tmp)), "head": REPO / "src"}
@@ -150,23 +151,12 @@ def main(argv=None) -> int:
                 flush=True,
             )
     info = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "host": socket.gethostname(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
+        **machine_info(torch.device("cpu")),
         "base": base_commit,
         "head": head_commit,
         "results": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
-    path = args.out / f"versions-cpu-{stamp}.json"
-    tmp_path = path.with_suffix(".json.tmp")
-    tmp_path.write_text(json.dumps(info, indent=2))
-    tmp_path.replace(path)
-    print(f"wrote {path}")
+    write_result(args.out, "versions-cpu", info)
     return 0
 
 
