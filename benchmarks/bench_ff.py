@@ -138,9 +138,9 @@ def flops(hidden):
 def bench_one(hidden, batch, x, y, device, min_seconds, n_rounds=3):
     g = torch.Generator(device=device).manual_seed(0)
     init = torch.Generator().manual_seed(0)
-    ff = FFNet(FFNetConfig(hidden=hidden), generator=init).to(device)
+    ff = FFNet(FFNetConfig(hidden=hidden, label_mode="overlay"), generator=init).to(device)
     tr = FFTrainer(ff, FFTrainConfig())
-    bp = BPNet(BPNetConfig(hidden=hidden), generator=init).to(device)
+    bp = BPNet(BPNetConfig(hidden=hidden, label_input="neutral"), generator=init).to(device)
     opt = make_bp_optimizer(bp, BPTrainConfig())  # what `fflab train` uses
     n = x.shape[0] // batch
     state = {"i": 0}

@@ -54,7 +54,8 @@ except Exception:
     x = torch.rand(20000, 784, generator=g)
     x[:, :10] = 0
     y = torch.randint(0, 10, (20000,), generator=g)
-net = FFNet(FFNetConfig(hidden=hidden), generator=torch.Generator().manual_seed(0))
+cfg = FFNetConfig(hidden=hidden, label_mode="overlay")
+net = FFNet(cfg, generator=torch.Generator().manual_seed(0))
 tr = FFTrainer(net, FFTrainConfig())
 g, n, state = torch.Generator().manual_seed(0), x.shape[0] // batch, {"i": 0}
 def step():

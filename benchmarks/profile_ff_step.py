@@ -52,7 +52,9 @@ def products_only(hidden: tuple[int, ...], b: int):
 
 def make_step(hidden: tuple[int, ...], b: int, x: torch.Tensor, y: torch.Tensor):
     """A closure that runs one FF training step on the next batch of (x, y)."""
-    net = FFNet(FFNetConfig(hidden=hidden), generator=torch.Generator().manual_seed(0))
+    net = FFNet(
+        FFNetConfig(hidden=hidden, label_mode="overlay"), generator=torch.Generator().manual_seed(0)
+    )
     trainer, gen, state = FFTrainer(net, FFTrainConfig()), torch.Generator().manual_seed(0), [0]
 
     def step():

@@ -13,10 +13,12 @@ def test_twin_sees_ffs_neutral_input_through_the_same_layers():
     """Same seed, same hidden sizes: BPNet's hidden activities are FF's neutral-label pass."""
     hidden = (12, 9, 7)
     ff = FFNet(
-        FFNetConfig(in_features=30, num_classes=4, hidden=hidden), torch.Generator().manual_seed(3)
+        FFNetConfig(in_features=30, num_classes=4, hidden=hidden, label_mode="overlay"),
+        torch.Generator().manual_seed(3),
     )
     bp = BPNet(
-        BPNetConfig(in_features=30, num_classes=4, hidden=hidden), torch.Generator().manual_seed(3)
+        BPNetConfig(in_features=30, num_classes=4, hidden=hidden, label_input="neutral"),
+        torch.Generator().manual_seed(3),
     )
     ff, bp = ff.double(), bp.double()
     x = torch.rand(5, 30, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

@@ -28,7 +28,9 @@ class BPNetConfig:
     in_features: int = 784
     num_classes: int = 10
     hidden: tuple[int, ...] = (1000, 1000, 1000)
-    label_input: str = "neutral"  # neutral (overlay 0.1 on the label pixels, as FF's) | none
+    # none (the input as it is) | neutral (0.1 written over the first num_classes features,
+    # what an FF net with label_mode=overlay sees in its neutral pass: MNIST's blank border)
+    label_input: str = "none"
 
     def __post_init__(self) -> None:
         if not self.hidden or any(h <= 0 for h in self.hidden):

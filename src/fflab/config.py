@@ -24,7 +24,8 @@ class ConfigError(ValueError):
 class DataConfig:
     """Which data a run sees."""
 
-    dataset: str = "mnist"  # mnist | fashion-mnist
+    # mnist | fashion-mnist | arrays (data handed over in memory: fflab.train(..., data=...))
+    dataset: str = "mnist"
     validation: bool = False  # hold out the last 10,000 training images
     train_subset: int = 0  # use only the first N training images (0: all)
     binarize: str = "none"  # none | sample (Bernoulli, once, fixed seed) | threshold (at 0.5)

@@ -15,11 +15,13 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import math
 import os
 import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -240,7 +242,7 @@ class Datasets:
     train: Split
     test: Split
     validation: Split | None
-    image_shape: tuple[int, int]
+    image_shape: tuple[int, ...]  # (H, W) or (C, H, W) of the flattened features; () if none
     num_classes: int
 
     def to(self, device: torch.device | str) -> Datasets:
@@ -274,6 +276,103 @@ def load(
         val = Split(train.x[-10000:], train.y[-10000:])
         train = Split(train.x[:-10000], train.y[:-10000])
     return Datasets(train, split(xte, yte), val, (28, 28), 10)
+
+
+ARRAYS = "arrays"  # DataConfig.dataset of a run on data handed over in memory
+
+
+def _as_images(x: Any, name: str) -> Tensor:
+    """Features of N samples as float32 (N, D): a numpy array or tensor of any shape (N, ...)."""
+    if isinstance(x, Tensor):
+        t = x.detach().cpu()
+    else:
+        try:
+            t = torch.from_numpy(np.asarray(x))
+        except TypeError as e:  # object arrays, strings
+            raise ValueError(f"{name} must be numeric, got {type(x).__name__}") from e
+    if t.is_complex():
+        raise ValueError(f"{name} must be real numbers, got {t.dtype}")
+    if t.dim() < 2 or t.shape[0] < 1:
+        raise ValueError(f"{name} must be (samples, features...), got shape {tuple(t.shape)}")
+    t = t.reshape(t.shape[0], -1).to(torch.float32)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} holds NaN or infinite values")
+    return t.contiguous()
+
+
+def _as_labels(y: Any, n: int, name: str) -> Tensor:
+    """Integer class labels (N,) as int64; integral floats are accepted."""
+    t = y.detach().cpu() if isinstance(y, Tensor) else torch.from_numpy(np.asarray(y))
+    t = t.reshape(-1)
+    if t.shape[0] != n:
+        raise ValueError(f"{name} has {t.shape[0]} labels for {n} samples")
+    if t.is_floating_point() and not bool((t == t.round()).all()):
+        raise ValueError(f"{name} must be integer class labels 0..C-1")
+    if t.dtype == torch.bool or t.is_complex():
+        raise ValueError(f"{name} must be integer class labels 0..C-1, got {t.dtype}")
+    t = t.to(torch.int64)
+    if n and int(t.min()) < 0:
+        raise ValueError(f"{name} must be integer class labels 0..C-1, found {int(t.min())}")
+    return t
+
+
+def from_arrays(
+    x_train: Any,
+    y_train: Any,
+    x_test: Any,
+    y_test: Any,
+    *,
+    x_val: Any = None,
+    y_val: Any = None,
+    image_shape: tuple[int, ...] = (),
+    num_classes: int | None = None,
+) -> Datasets:
+    """Datasets from in-memory data: numpy arrays or tensors, any number of features and classes.
+
+    ``x_*`` (N, ...) are flattened to float32 (N, D) as they are (fflab does not rescale
+    them); ``y_*`` (N,) are class labels 0..C-1. ``num_classes`` defaults to the largest label
+    plus one; ``image_shape`` ((H, W) or (C, H, W), optional) says how the D features form an
+    image, which hybrid negatives and local layers need.
+    """
+    splits = {}
+    for name, x, y in (
+        ("train", x_train, y_train),
+        ("test", x_test, y_test),
+        ("val", x_val, y_val),
+    ):
+        if x is None and y is None:
+            continue
+        if x is None or y is None:
+            raise ValueError(f"x_{name} and y_{name} go together")
+        xt = _as_images(x, f"x_{name}")
+        splits[name] = Split(xt, _as_labels(y, xt.shape[0], f"y_{name}"))
+    if "train" not in splits or "test" not in splits:
+        raise ValueError("x_train, y_train, x_test and y_test are required")
+    widths = {s.x.shape[1] for s in splits.values()}
+    if len(widths) != 1:
+        raise ValueError(f"the splits have different numbers of features: {sorted(widths)}")
+    largest = max(int(s.y.max()) for s in splits.values())
+    c = largest + 1 if num_classes is None else int(num_classes)
+    if c < 2 or largest >= c:
+        raise ValueError(f"need at least 2 classes and labels below num_classes={c}")
+    shape = tuple(int(v) for v in image_shape)
+    if shape and math.prod(shape) != widths.pop():
+        raise ValueError(f"image_shape {shape} does not hold {splits['train'].x.shape[1]} features")
+    return Datasets(splits["train"], splits["test"], splits.get("val"), shape, c)
+
+
+def fingerprint(ds: Datasets) -> str:
+    """SHA-256 of every split's features and labels (a run checks it on resume)."""
+    h = hashlib.sha256()
+    for s in (ds.train, ds.test, ds.validation):
+        if s is None:
+            h.update(b"none")
+            continue
+        for t in (s.x, s.y):
+            t = t.detach().cpu().contiguous()
+            h.update(str((tuple(t.shape), str(t.dtype))).encode())
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()
 
 
 def load_mnist(data_dir: str | os.PathLike | None = None, **kw) -> Datasets:

@@ -57,6 +57,7 @@ class Algorithm:
     model_config: str  # "module:Class"
     train_config: str
     factory: str  # "module:function(config, data, device, generator) -> Experiment"
+    model: str  # "module:function(model config) -> nn.Module" (what fflab.load_run returns)
 
     @staticmethod
     def _load(ref: str) -> Any:
@@ -68,6 +69,9 @@ class Algorithm:
 
     def train_cls(self) -> type:
         return self._load(self.train_config)
+
+    def build_model(self, model_config: Any) -> torch.nn.Module:
+        return self._load(self.model)(model_config)
 
     def build(
         self, config: RunConfig, data: Datasets, device: torch.device, generator: torch.Generator
@@ -81,23 +85,27 @@ ALGORITHMS = {
         "fflab.ff.model:FFNetConfig",
         "fflab.ff.train:FFTrainConfig",
         "fflab.ff.experiment:build",
+        "fflab.ff.model:FFNet",
     ),
     "bp": Algorithm(
         "bp",
         "fflab.backprop:BPNetConfig",
         "fflab.backprop:BPTrainConfig",
         "fflab.backprop:build",
+        "fflab.backprop:BPNet",
     ),
     "rbm": Algorithm(
         "rbm",
         "fflab.boltzmann.rbm_experiment:RBMConfig",
         "fflab.boltzmann.rbm_experiment:RBMTrainConfig",
         "fflab.boltzmann.rbm_experiment:build_rbm",
+        "fflab.boltzmann.rbm_experiment:rbm_model",
     ),
     "bm": Algorithm(
         "bm",
         "fflab.boltzmann.bm_experiment:BMConfig",
         "fflab.boltzmann.bm_experiment:BMTrainConfig",
         "fflab.boltzmann.bm_experiment:build_bm",
+        "fflab.boltzmann.bm_experiment:bm_model",
     ),
 }

@@ -9,6 +9,7 @@ resumed run makes exactly the draws an uninterrupted one makes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
@@ -92,10 +93,28 @@ def resolve_device(name: str) -> torch.device:
     raise ConfigError(f"--device {name!r}: choose auto, cpu or cuda")
 
 
-def prepare_data(config: RunConfig, data_dir: str | None, device: torch.device) -> data.Datasets:
-    """Load the run's dataset, apply subset and binarization, move it to ``device``."""
+def prepare_data(
+    config: RunConfig,
+    data_dir: str | None,
+    device: torch.device,
+    given: data.Datasets | None = None,
+) -> data.Datasets:
+    """Load the run's dataset (or take ``given`` in-memory data), apply subset and
+    binarization, move it to ``device``."""
     dc = config.data
-    ds = data.load(dc.dataset, data_dir, validation=dc.validation)
+    if dc.dataset == data.ARRAYS:
+        if given is None:
+            raise RunError(
+                "this run trains on data handed over in memory: pass the same arrays again "
+                "(fflab.train(..., data=...))"
+            )
+        if dc.validation and given.validation is None:
+            raise ConfigError("data.validation needs a validation split (x_val, y_val)")
+        ds = given if dc.validation else dataclasses.replace(given, validation=None)
+    elif given is not None:
+        raise ConfigError(f"data.dataset={dc.dataset} reads files; in-memory data needs arrays")
+    else:
+        ds = data.load(dc.dataset, data_dir, validation=dc.validation)
     if dc.train_subset:
         ds = data.Datasets(
             data.Split(ds.train.x[: dc.train_subset], ds.train.y[: dc.train_subset]),
@@ -110,7 +129,9 @@ def prepare_data(config: RunConfig, data_dir: str | None, device: torch.device) 
         def b(s: data.Split | None) -> data.Split | None:
             return None if s is None else data.Split(data.binarize(s.x, dc.binarize, g), s.y)
 
-        ds = data.Datasets(b(ds.train), b(ds.test), b(ds.validation), ds.image_shape, 10)
+        ds = data.Datasets(
+            b(ds.train), b(ds.test), b(ds.validation), ds.image_shape, ds.num_classes
+        )
     return ds.to(device)
 
 
@@ -120,8 +141,13 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
     return g
 
 
-def build_experiment(config: RunConfig, data_dir: str | None, device: torch.device) -> Experiment:
-    ds = prepare_data(config, data_dir, device)
+def build_experiment(
+    config: RunConfig,
+    data_dir: str | None,
+    device: torch.device,
+    given: data.Datasets | None = None,
+) -> Experiment:
+    ds = prepare_data(config, data_dir, device, given)
     init = torch.Generator().manual_seed(config.seed)
     try:
         return ALGORITHMS[config.algorithm].build(config, ds, device, init)
@@ -182,8 +208,14 @@ def train(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = lambda s: None,
+    datasets: data.Datasets | None = None,
 ) -> dict[str, Any]:
-    """Train (or, with ``resume``, continue) the run in ``out_dir``; return its summary."""
+    """Train (or, with ``resume``, continue) the run in ``out_dir``; return its summary.
+
+    ``datasets``: in-memory data (:func:`fflab.data.from_arrays`) for a config whose
+    ``data.dataset`` is ``arrays``; a resumed run must get the same data again (checked by
+    fingerprint).
+    """
     out_dir = Path(out_dir)
     ckpt_path = out_dir / CHECKPOINT
     if resume:
@@ -195,13 +227,16 @@ def train(
     if config is None:
         raise ValueError("config is required unless resuming")
 
-    exp = build_experiment(config, data_dir, device)
+    exp = build_experiment(config, data_dir, device, datasets)
+    data_fingerprint = None if datasets is None else data.fingerprint(datasets)
     out_dir.mkdir(parents=True, exist_ok=True)
     log(f"run directory: {out_dir}")
     start_epoch, train_seconds, wall_seconds = 0, 0.0, 0.0
     metrics = []
     if resume and ckpt_path.exists():
         tensors, meta = checkpoint.load(ckpt_path, device)
+        if meta.get("data_fingerprint") != data_fingerprint:
+            raise RunError(f"{out_dir} was trained on other data than the data given to resume it")
         exp.load_state_tensors(tensors, meta)
         start_epoch = int(meta["epochs_done"])
         train_seconds, wall_seconds = meta["train_seconds"], meta["wall_seconds"]
@@ -231,6 +266,8 @@ def train(
         }
         tensors, meta = exp.state_tensors()
         meta.update(epochs_done=epoch + 1, train_seconds=train_seconds, wall_seconds=wall_seconds)
+        if data_fingerprint is not None:
+            meta["data_fingerprint"] = data_fingerprint
         checkpoint.save(ckpt_path, tensors, meta)
         with open(out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(m) + "\n")
@@ -261,14 +298,19 @@ def train(
 
 
 def evaluate_run(
-    run_dir: Path, *, device: torch.device, data_dir: str | None = None
+    run_dir: Path,
+    *,
+    device: torch.device,
+    data_dir: str | None = None,
+    datasets: data.Datasets | None = None,
 ) -> dict[str, Any]:
-    """Re-evaluate the checkpoint of a run directory on the test set."""
+    """Re-evaluate the checkpoint of a run directory on the test set (``datasets``: the
+    in-memory data of an ``arrays`` run)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise RunError(f"{run_dir} is not a run directory (no config.json)")
     config = from_dict(json.loads((run_dir / "config.json").read_text()))
-    exp = build_experiment(config, data_dir, device)
+    exp = build_experiment(config, data_dir, device, datasets)
     tensors, meta = checkpoint.load(run_dir / CHECKPOINT, device)
     exp.load_state_tensors(tensors, meta)
     return {**exp.evaluate(), "epochs_done": meta["epochs_done"], **_environment(device)}

@@ -178,5 +178,10 @@ class BMExperiment(MomentumState):
         return out
 
 
+def bm_model(model: BMConfig) -> BoltzmannMachine:
+    """A Boltzmann machine of the configured size (weights as initialized, to be loaded)."""
+    return BoltzmannMachine(model.side**2, model.n_hidden, init_std=model.init_std)
+
+
 def build_bm(config: RunConfig, data: Datasets, device: torch.device, generator) -> BMExperiment:
     return BMExperiment(config, data, device, generator)

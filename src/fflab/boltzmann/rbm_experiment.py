@@ -254,20 +254,19 @@ def build_rbm(config: RunConfig, data: Datasets, device: torch.device, generator
     return RBMExperiment(config, data, device, generator)
 
 
+def rbm_model(model: RBMConfig) -> RBM:
+    """An RBM of the configured size (weights as initialized, to be loaded)."""
+    return RBM(model.n_visible, model.n_hidden)
+
+
 def load_rbm(run_dir: Path, device: torch.device | str = "cpu") -> RBM:
     """The RBM of an ``rbm`` run directory's checkpoint (no data needed)."""
-    import json
+    from fflab.api import load_run
 
-    from fflab.checkpoint import load
-
-    run_dir = Path(run_dir)
-    cfg = json.loads((run_dir / "config.json").read_text())
-    if cfg.get("algorithm") != "rbm":
+    model = load_run(run_dir, device)
+    if not isinstance(model, RBM):
         raise ValueError(f"{run_dir} is not an rbm run")
-    tensors, _ = load(run_dir / "checkpoint.safetensors", device)
-    rbm = RBM(int(cfg["model"]["n_visible"]), int(cfg["model"]["n_hidden"])).to(device)
-    rbm.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    return rbm
+    return model
 
 
 @torch.no_grad()

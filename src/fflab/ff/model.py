@@ -51,7 +51,9 @@ class FFNetConfig:
     hidden: tuple[int, ...] = (1000, 1000, 1000)
     goodness: str = "sumsq"  # sumsq (paper) | meansq | minssq (paper's CIFAR-10 variant)
     threshold: float | None = None  # None: number of units (sumsq/minssq) or 1.0 (meansq)
-    label_mode: str = "overlay"  # overlay (paper's MNIST run) | concat (h0 = [y; x]) | none
+    # concat (h0 = [y; x], safe for any data) | overlay (the label replaces the first
+    # num_classes features: MNIST's blank border, the paper's run) | none (unsupervised)
+    label_mode: str = "concat"
     # peer-normalization strength; 0.06 on fflab's true loss gradient is Hinton's 0.03 (his
     # update omits the factor 2 of d(sum a^2)/da, see FFTrainConfig.lr); 0 disables it
     peer_norm: float = 0.06
