@@ -1,8 +1,8 @@
 """fflab: layer-local contrastive learning (Forward-Forward, Boltzmann machines, RBMs).
 
 The public surface is what this module exports; the implementation modules behind it are
-``fflab.ff`` (FF networks, layers, trainers, probes), ``fflab.negatives``, ``fflab.backprop``,
-``fflab.boltzmann``, ``fflab.data``, ``fflab.optim`` and ``fflab.runs``.
+``fflab.ff`` (FF networks, recurrent FF, layers, trainers, probes), ``fflab.negatives``,
+``fflab.backprop``, ``fflab.boltzmann``, ``fflab.data``, ``fflab.optim`` and ``fflab.runs``.
 
 Runs (run directories, checkpoints, resume, metrics): :func:`train`, :func:`load_run`, on a
 preset's dataset or on in-memory data (:func:`from_arrays`).
@@ -26,7 +26,9 @@ from fflab.data import load as load_dataset
 from fflab.ff.layers import Dense
 from fflab.ff.local import LocallyConnected2d
 from fflab.ff.model import FFNet, FFNetConfig, FFOutput
-from fflab.ff.reference import ReferenceTrainer
+from fflab.ff.recurrent import RecurrentFFConfig, RecurrentFFNet
+from fflab.ff.recurrent_train import RecurrentTrainer
+from fflab.ff.reference import RecurrentReferenceTrainer, ReferenceTrainer
 from fflab.ff.train import FFTrainConfig, FFTrainer
 from fflab.negatives import NegativeBatch, NegativeSource, make_source
 from fflab.negatives import register as register_negative_source
@@ -49,6 +51,10 @@ __all__ = [
     "NegativeBatch",
     "NegativeSource",
     "RBM",
+    "RecurrentFFConfig",
+    "RecurrentFFNet",
+    "RecurrentReferenceTrainer",
+    "RecurrentTrainer",
     "ReferenceTrainer",
     "Split",
     "__version__",

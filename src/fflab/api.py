@@ -117,8 +117,9 @@ def train(
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The trained model of a run directory, in eval mode: an ``FFNet``, ``BPNet``, ``RBM`` or
-    ``BoltzmannMachine`` with the weights and buffers of its last checkpoint."""
+    """The trained model of a run directory, in eval mode: an ``FFNet``, ``RecurrentFFNet``,
+    ``BPNet``, ``RBM`` or ``BoltzmannMachine`` with the weights and buffers of its last
+    checkpoint."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise runs.RunError(f"{run_dir} is not a run directory (no config.json)")

@@ -87,6 +87,13 @@ ALGORITHMS = {
         "fflab.ff.experiment:build",
         "fflab.ff.model:FFNet",
     ),
+    "ff-recurrent": Algorithm(
+        "ff-recurrent",
+        "fflab.ff.recurrent:RecurrentFFConfig",
+        "fflab.ff.train:FFTrainConfig",
+        "fflab.ff.recurrent_train:build",
+        "fflab.ff.recurrent:RecurrentFFNet",
+    ),
     "bp": Algorithm(
         "bp",
         "fflab.backprop:BPNetConfig",

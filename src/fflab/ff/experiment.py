@@ -17,7 +17,7 @@ from torch import Tensor
 from fflab.checkpoint import flatten_optimizer, unflatten_optimizer
 from fflab.config import RunConfig
 from fflab.data import Datasets, Split
-from fflab.ff.model import FFNet, FFNetConfig
+from fflab.ff.model import FFNet
 from fflab.ff.probe import ProbeConfig, fit_probes, layer_features, probe_error
 from fflab.ff.train import FFTrainer
 
@@ -33,8 +33,13 @@ def error_rate(net: FFNet, split: Split, mode: str, batch_size: int) -> float:
 
 
 class FFExperiment:
+    """An FF run on the run loop; subclasses swap in another net and step (``net_cls``,
+    ``trainer_cls``), as the recurrent net does."""
+
+    net_cls, trainer_cls = FFNet, FFTrainer
+
     def __init__(self, config: RunConfig, data: Datasets, device: torch.device, generator):
-        mcfg: FFNetConfig = config.model
+        mcfg = config.model
         if mcfg.in_features != data.train.x.shape[1] or mcfg.num_classes != data.num_classes:
             raise ValueError(
                 f"model expects {mcfg.in_features} features and {mcfg.num_classes} classes, "
@@ -42,8 +47,8 @@ class FFExperiment:
             )
         self.config = config
         self.data = data
-        self.net = FFNet(mcfg, generator=generator).to(device)
-        self.trainer = FFTrainer(self.net, config.train)
+        self.net = self.net_cls(mcfg, generator=generator).to(device)
+        self.trainer = self.trainer_cls(self.net, config.train)
         tcfg = config.train
         n_layers = self.net.num_layers
         self.greedy = tcfg.layer_schedule == "greedy"

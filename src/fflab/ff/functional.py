@@ -48,12 +48,14 @@ def ff_loss(g_pos: Tensor, g_neg: Tensor, theta: float, kind: str = "sumsq") -> 
     """Mean logistic FF loss of one layer: (B,), (B,) -> scalar.
 
     ``softplus(-logit_pos) + softplus(logit_neg)``, i.e. for ``sumsq``
-    ``softplus(theta - G_pos) + softplus(G_neg - theta)``, averaged over the batch.
+    ``softplus(theta - G_pos) + softplus(G_neg - theta)``, averaged over the batch. Computed
+    as logistic cross-entropy, which is exact for every logit: ``F.softplus`` switches to the
+    identity above 20, so its gradient there is 1 instead of ``sigmoid(20) = 1 - 2e-9``.
     """
-    return (
-        F.softplus(-positive_logit(g_pos, theta, kind)).mean()
-        + F.softplus(positive_logit(g_neg, theta, kind)).mean()
-    )
+    lp, ln = positive_logit(g_pos, theta, kind), positive_logit(g_neg, theta, kind)
+    return F.binary_cross_entropy_with_logits(
+        lp, torch.ones_like(lp)
+    ) + F.binary_cross_entropy_with_logits(ln, torch.zeros_like(ln))
 
 
 def goodness_loss_terms(

@@ -42,20 +42,30 @@ class FFLayer(Protocol):
 
 
 class Dense(nn.Linear):
-    """Fully connected FF layer: ``z = h W' + b``, W (out, in) ~ N(0, 1/in), b = 0 (Hinton's)."""
+    """Fully connected FF layer: ``z = h W' + b``, W (out, in) ~ N(0, 1/in), b = 0 (Hinton's).
+
+    ``bias=False`` makes ``z = h W'`` (a recurrent net's top-down weights, whose layer already
+    has the bias of its bottom-up weights).
+    """
 
     def __init__(
-        self, in_features: int, out_features: int, generator: torch.Generator | None = None
+        self,
+        in_features: int,
+        out_features: int,
+        generator: torch.Generator | None = None,
+        bias: bool = True,
     ) -> None:
-        super().__init__(in_features, out_features)
+        super().__init__(in_features, out_features, bias=bias)
         with torch.no_grad():
             nn.init.normal_(self.weight, 0.0, 1.0 / math.sqrt(in_features), generator)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def local_grad(self, h: Tensor, dz: Tensor, sink: GradSink) -> None:
         """dL/dW = dz' h (one product over all N rows), dL/db = sum of dz: (N, in), (N, out)."""
         sink(self.weight, dz.T, h)
-        sink(self.bias, dz.sum(0))
+        if self.bias is not None:
+            sink(self.bias, dz.sum(0))
 
 
 def write_grad(param: Tensor, a: Tensor, b: Tensor | None = None, columns=slice(None)) -> None:

@@ -149,6 +149,28 @@ class FFNetConfig:
         return 1.0 if self.goodness == "meansq" else float(self.hidden[layer])
 
 
+def build_layers(config: FFNetConfig, generator: torch.Generator | None = None) -> nn.ModuleList:
+    """The stack of FF layers of ``config``: dense, or locally connected where a kernel is set.
+
+    Layer ``i`` maps ``input_width`` (i = 0) or ``hidden[i - 1]`` features to ``hidden[i]``;
+    weights are drawn from ``generator`` layer by layer.
+    """
+    widths = (config.input_width, *config.hidden)
+    maps = [tuple(config.image_shape) or None, *config.layer_shapes()]
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        kk = config.kernel(i)
+        if kk:
+            from fflab.ff.local import LocallyConnected2d
+
+            stride = config.local_strides[i] if i < len(config.local_strides) else 1
+            out_channels = maps[i + 1][0]
+            layers.append(LocallyConnected2d(maps[i], out_channels, kk, stride, kk // 2, generator))
+        else:
+            layers.append(Dense(n_in, n_out, generator))
+    return nn.ModuleList(layers)
+
+
 class FFOutput(NamedTuple):
     """What :meth:`FFNet.forward` returns: each hidden layer's activities (B, H_l) and
     goodness (B, L)."""
@@ -170,22 +192,7 @@ class FFNet(nn.Module):
     def __init__(self, config: FFNetConfig, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.config = config
-        widths = (config.input_width, *config.hidden)
-        maps = [tuple(config.image_shape) or None, *config.layer_shapes()]
-        layers: list[nn.Module] = []
-        for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
-            kk = config.kernel(i)
-            if kk:
-                from fflab.ff.local import LocallyConnected2d
-
-                stride = config.local_strides[i] if i < len(config.local_strides) else 1
-                out_channels = maps[i + 1][0]
-                layers.append(
-                    LocallyConnected2d(maps[i], out_channels, kk, stride, kk // 2, generator)
-                )
-            else:
-                layers.append(Dense(n_in, n_out, generator))
-        self.layers = nn.ModuleList(layers)
+        self.layers = build_layers(config, generator)
         head_in = sum(config.hidden[config.head_from :])
         self.head = nn.Linear(head_in, config.num_classes)
         nn.init.zeros_(self.head.weight)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from fflab.ff.functional import dropout_mask, ff_loss, goodness, peer_norm_dz, rms_normalize
 from fflab.ff.model import FFNet
+from fflab.ff.recurrent import RecurrentFFNet
 from fflab.ff.train import FFTrainConfig, make_optimizer, negative_source
 
 
@@ -84,4 +85,56 @@ class ReferenceTrainer:
     ) -> Tensor:
         stats = self.compute_gradients(x, y, generator, active)
         self.apply_gradients()
+        return stats
+
+
+class RecurrentReferenceTrainer(ReferenceTrainer):
+    """Autograd recurrent FF step (what :class:`fflab.ff.recurrent_train.RecurrentTrainer`
+    computes fast): states detached across layers and iterations, one ``backward``.
+
+    The loss: the head's cross-entropy on the bottom-up start, plus the mean over the training
+    window's iterations of every layer's FF loss (peer normalization as a linear loss of the
+    positive rows' total inputs, as above).
+    """
+
+    def __init__(self, net: RecurrentFFNet, cfg: FFTrainConfig) -> None:
+        super().__init__(net, cfg)
+
+    def compute_gradients(
+        self, x: Tensor, y: Tensor, generator: torch.Generator, active: range | None = None
+    ) -> Tensor:
+        net, c, b = self.net, self.net.config, x.shape[0]
+        net.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            start = net.bottom_up(x)
+        logits = net.head(torch.cat([rms_normalize(s) for s in start[c.head_from :]], 1))
+        loss = F.cross_entropy(logits, y)
+        neg = self.source.draw(x, y, generator, torch.softmax(logits.detach(), 1))
+        xx, top = torch.cat([x, x]), net.label_input(torch.cat([y, neg.y]), x.dtype)
+        states = [s.repeat(2, 1) for s in start]
+        window = range(c.train_from, c.iterations + 1)
+        n_w, d = len(window), c.damping
+        stats = x.new_zeros(net.num_layers, 3)
+        peer_terms = []  # (z of the positive rows, layer) of every window iteration
+        for t in range(1, c.iterations + 1):
+            old = [s.detach() for s in states]
+            zs = net.total_inputs(xx, top, old)
+            states = [d * s + (1 - d) * torch.relu(z) for s, z in zip(old, zs, strict=True)]
+            if t not in window:
+                continue
+            for i, s in enumerate(states):
+                g = goodness(s, c.goodness)
+                layer_loss = ff_loss(g[:b], g[b:], net.theta(i), c.goodness)
+                loss = loss + layer_loss / n_w
+                stats[i] += torch.stack([layer_loss, g[:b].mean(), g[b:].mean()]).detach() / n_w
+                peer_terms.append((i, zs[i][:b], s[:b].detach().mean(0)))
+        if c.peer_norm > 0:
+            for i in range(net.num_layers):
+                mean = sum(m for j, _, m in peer_terms if j == i) / n_w
+                net.running_mean(i).lerp_(mean, 1 - c.peer_momentum)
+            for i, z, _ in peer_terms:
+                term = peer_norm_dz(net.running_mean(i), c.peer_norm, b) / n_w
+                loss = loss + (z * term).sum()
+        loss.backward()
+        self._inactive = []
         return stats

@@ -104,11 +104,19 @@ class FFTrainConfig:
             raise ValueError("input_dropout and dropout must be in [0, 1)")
 
 
-def make_optimizer(net: FFNet, cfg: FFTrainConfig) -> torch.optim.Optimizer:
-    """One optimizer, four groups: FF weights, FF biases, head weight, head bias."""
+def make_optimizer(net: torch.nn.Module, cfg: FFTrainConfig) -> torch.optim.Optimizer:
+    """One optimizer, four groups: FF weights, FF biases, head weight, head bias.
+
+    The FF parameters are every parameter outside ``net.head``, in registration order,
+    grouped by name (``...weight`` or ``...bias``): an FFNet's layers, or a recurrent net's
+    bottom-up and top-down weights.
+    """
+    ff = [(n, p) for n, p in net.named_parameters() if not n.startswith("head.")]
+    weights = [p for n, p in ff if n.endswith("weight")]
+    biases = [p for n, p in ff if n.endswith("bias")]
     groups = [
-        {"params": [m.weight for m in net.layers], "lr": cfg.lr, "weight_decay": cfg.weight_cost},
-        {"params": [m.bias for m in net.layers], "lr": cfg.lr, "weight_decay": 0.0},
+        {"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_cost},
+        {"params": biases, "lr": cfg.lr, "weight_decay": 0.0},
         {"params": [net.head.weight], "lr": cfg.head_lr, "weight_decay": cfg.head_weight_cost},
         {"params": [net.head.bias], "lr": cfg.head_lr, "weight_decay": 0.0},
     ]
@@ -187,7 +195,7 @@ class FFTrainer:
         for layer in self._layers[1:]:
             h = _normalized(a, ssq[-1])
             if p > 0:
-                h.mul_(dropout_mask(h.shape, p, generator, h))
+                h.mul_(self._dropout_mask(h.shape, p, generator, h))
             a = torch.relu_(layer(h))
             acts.append(a)
             ssq.append(_sumsq(a))
@@ -251,12 +259,22 @@ class FFTrainer:
             dz = a * coef[i].unsqueeze(1)  # (2B, H_i)
             if c.peer_norm > 0:
                 rm = net.running_mean(i)
-                rm.lerp_(a[:b].mean(0), 1 - c.peer_momentum)
+                rm.lerp_(self._batch_mean(a[:b]), 1 - c.peer_momentum)
                 dz[:b].add_(peer_norm_dz(rm, c.peer_norm, b))
             if i == 0 and first is not None:
                 first(dz)
             else:
                 self._layers[i].local_grad(inputs[i], dz, self._param_grad)
+
+    def _batch_mean(self, a: Tensor) -> Tensor:
+        """Mean of the rows of a (N, H) -> (H,): peer normalization's batch statistic (a
+        data-parallel trainer averages it over the processes)."""
+        return a.mean(0)
+
+    def _dropout_mask(self, shape, p: float, generator: torch.Generator, like: Tensor) -> Tensor:
+        """A hidden layer's dropout mask (:func:`dropout_mask`); a data-parallel trainer draws
+        the whole global batch's and keeps its rows."""
+        return dropout_mask(shape, p, generator, like)
 
     def _unsupervised(
         self, x: Tensor, y: Tensor, generator: torch.Generator, active: range
@@ -312,17 +330,27 @@ class FFTrainer:
         The head reads the normalized activities of layers head_from.. (``inputs[head_from +
         1:]`` of the pass); the negative source sees its probabilities before it learns.
         """
-        net, c, b = self.net, self.net.config, y.shape[0]
+        net, c = self.net, self.net.config
         z0 = net.first_layer(a_img, net.label_scale(sq, True), None)
         _, _, inputs = self._pass(z0, normalize_last=True)
         feats = torch.cat(inputs[c.head_from + 1 :], 1)  # (B, F)
-        probs = torch.softmax(net.head(feats), 1)  # (B, C)
+        return self._head_phase(x, y, feats, eye, generator)
+
+    def _head_phase(
+        self, x: Tensor, y: Tensor, feats: Tensor, eye: Tensor, generator: torch.Generator
+    ) -> Tensor:
+        """The softmax head on features (B, F): its gradients, and negative labels (B,).
+
+        The negative source sees the head's probabilities before the head learns.
+        """
+        head, b = self.net.head, y.shape[0]
+        probs = torch.softmax(head(feats), 1)  # (B, C)
         neg = self.source.draw(x, y, generator, probs)
         if neg.x is not x or neg.y is None:
             raise ValueError(f"negative source {self.source.name!r} must keep the image")
         dlogits = probs.sub_(eye.index_select(0, y)).div_(b)  # (B, C), probs is spent
-        self._param_grad(net.head.weight, dlogits.T, feats)
-        self._param_grad(net.head.bias, dlogits.sum(0))
+        self._param_grad(head.weight, dlogits.T, feats)
+        self._param_grad(head.bias, dlogits.sum(0))
         return neg.y
 
     def _labelled_first_layer(self, a_img: Tensor, labels: Tensor, s2: Tensor) -> Tensor:
