@@ -14,6 +14,7 @@ from fflab.ff.recurrent import RecurrentFFConfig, RecurrentFFNet
 from fflab.ff.recurrent_train import RecurrentTrainer, iteration_report
 from fflab.ff.reference import RecurrentReferenceTrainer
 from fflab.ff.train import FFTrainConfig
+from fflab.plots import recurrent_figure
 
 
 def net_for(hidden=(7, 6), seed=0, **kw):
@@ -199,6 +200,8 @@ def test_recurrent_ff_learns_digits(tmp_path, one_thread):
     assert summary["test_error_softmax"] < 10.0
     assert len(summary["error_by_iteration"]) == 4
     assert np.array(summary["goodness_pos"]).shape == (4, 2)
+    png = recurrent_figure(tmp_path / "run")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     net = fflab.load_run(tmp_path / "run")
     assert isinstance(net, RecurrentFFNet)
     x_te, y_te = torch.from_numpy(digits()[2]), torch.from_numpy(digits()[3])

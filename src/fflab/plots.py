@@ -100,7 +100,6 @@ def time_to_accuracy(run_dirs: list[Path], out: Path, key: str = "test_error_goo
         config = json.loads((Path(d) / "config.json").read_text())
         label = f"{config['preset']}, seed {config.get('seed', '?')}"
         ax.plot(minutes, errors, marker=".", label=label)
-    ax.set_yscale("log")
     from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullLocator
 
     # plain percentages, dense enough that the last tenths of a percent can be read off
@@ -183,3 +182,51 @@ def boltzmann_figures(
         title=f"p(v | h) after {n_steps} Gibbs steps ({n_chains} chains)",
     )
     return [filters, grid]
+
+
+def recurrent_figure(run_dir: Path, out: Path | None = None) -> Path:
+    """``iterations.png`` of an ``ff-recurrent`` run from its ``summary.json``; returns its path.
+
+    Left: test error against the iterations used at test time, scoring by the goodness of one
+    iteration alone and by iterations 1..t summed, with the scoring window's error marked.
+    Right: mean goodness (over the threshold) of every layer at every iteration, with the
+    true label (solid) and with the wrong labels (dashed).
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no summary.json (the run has not finished)")
+    s = json.loads(path.read_text())
+    if "error_by_iteration" not in s:
+        raise ValueError(f"{run_dir} is not a recurrent FF run (no error_by_iteration)")
+    config = json.loads((run_dir / "config.json").read_text())
+    hidden = config["model"]["hidden"]
+    threshold = config["model"].get("threshold")
+    plt = _pyplot()
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
+    its = list(range(1, len(s["error_by_iteration"]) + 1))
+    ax.plot(its, s["error_by_iteration"], marker="o", label="iteration t alone")
+    ax.plot(its, s["error_up_to_iteration"], marker="s", label="iterations 1..t summed")
+    lo, hi = s["score_window"]
+    ax.axvspan(lo - 0.5, hi + 0.5, color="0.9", zorder=0)
+    ax.axhline(s["test_error_goodness"], color="k", lw=0.8, ls=":")
+    ax.annotate(
+        f"iterations {lo}-{hi}: {s['test_error_goodness']:.2f}%",
+        (hi + 0.5, s["test_error_goodness"]),
+        textcoords="offset points",
+        xytext=(4, 4),
+        fontsize=8,
+    )
+    ax.set(xlabel="iteration t at test time", ylabel="test error (%)", xticks=its)
+    ax.legend(fontsize=8)
+    pos, neg = s["goodness_pos"], s["goodness_neg"]
+    for i, width in enumerate(hidden):
+        theta = threshold if threshold is not None else width
+        (line,) = bx.plot(its, [row[i] / theta for row in pos], label=f"layer {i} true label")
+        bx.plot(its, [row[i] / theta for row in neg], ls="--", color=line.get_color())
+    bx.axhline(1.0, color="k", lw=0.8, ls=":")
+    bx.set(xlabel="iteration t", ylabel="mean goodness / threshold", xticks=its)
+    bx.legend(fontsize=8, title="dashed: wrong labels", title_fontsize=8)
+    fig.suptitle(f"{config['preset']} (seed {config['seed']}): {len(hidden)} x {hidden[0]}")
+    fig.tight_layout()
+    return _save_png(plt, fig, out or run_dir / "iterations.png", dpi=110)
