@@ -92,14 +92,13 @@ class BPNet(nn.Module):
 
 
 @torch.no_grad()
-def sgd_step_(net: BPNet, optimizer: MomentumSGD, x: Tensor, y: Tensor) -> Tensor:
-    """One step of ``optimizer`` on the batch-mean cross-entropy of (x, y); returns the loss.
+def hand_backward_(net: BPNet, x: Tensor, y: Tensor, product_sink, tensor_sink) -> Tensor:
+    """The batch-mean cross-entropy of (x, y) and its gradients, derived by hand; returns the
+    loss.
 
-    The same step as ``cross_entropy(net(x), y).backward(); optimizer.step()``, with the
-    gradients derived by hand: each weight gradient ``dz' h`` is folded into its velocity by
-    one GEMM (:meth:`MomentumSGD.fold_product_`, ``v = momentum * v + dz' h`` in torch's
-    convention) instead of being written to ``.grad``, and no gradient is taken with respect
-    to the input image. x: (B, D) images, y: (B,) labels.
+    Each weight gradient is handed over as a product, ``product_sink(weight, dz', h)``
+    (gradient ``dz' h``), each bias gradient as a tensor, ``tensor_sink(bias, grad)``; no
+    gradient is taken with respect to the input image. x: (B, D) images, y: (B,) labels.
     """
     mods = [*net.layers, net.out]
     # forward, keeping each module's normalized input h (B, in) and its scale r (B, 1)
@@ -120,13 +119,34 @@ def sgd_step_(net: BPNet, optimizer: MomentumSGD, x: Tensor, y: Tensor) -> Tenso
         m, h = mods[i], hs[i]
         if i > 0:  # gradient with respect to this module's input (weights move only at the end)
             dh = dz @ m.weight  # (B, in)
-        optimizer.fold_product_(m.weight, dz.t(), h)
-        optimizer.fold_(m.bias, dz.sum(0))
+        product_sink(m.weight, dz.t(), h)
+        tensor_sink(m.bias, dz.sum(0))
         if i > 0:
             # h = relu(z) * r, so h > 0 exactly where the ReLU below passed its input
             dz = rms_normalize_backward(dh, h, rs[i]).masked_fill_(h <= 0, 0.0)
+    return loss
+
+
+@torch.no_grad()
+def sgd_step_(net: BPNet, optimizer: MomentumSGD, x: Tensor, y: Tensor) -> Tensor:
+    """One step of ``optimizer`` on the batch-mean cross-entropy of (x, y); returns the loss.
+
+    The same step as ``cross_entropy(net(x), y).backward(); optimizer.step()``, with the
+    gradients of :func:`hand_backward_`: each weight gradient ``dz' h`` is folded into its
+    velocity by one GEMM (:meth:`MomentumSGD.fold_product_`, ``v = momentum * v + dz' h`` in
+    torch's convention) instead of being written to ``.grad``.
+    """
+    loss = hand_backward_(net, x, y, optimizer.fold_product_, optimizer.fold_)
     optimizer.step()  # weight decay into the velocities, then p -= lr v: one pass each
     return loss
+
+
+def _write_product(p: Tensor, a: Tensor, b: Tensor) -> None:
+    torch.mm(a, b, out=p.grad)
+
+
+def _write_tensor(p: Tensor, g: Tensor) -> None:
+    p.grad.copy_(g)
 
 
 @torch.no_grad()
@@ -157,9 +177,13 @@ class BPExperiment:
         self.hand_derived = isinstance(self.optimizer, MomentumSGD)
         self.epochs = t.epochs
         self.samples_per_epoch = len(data.train)
+        self.comm = None  # a fflab.distributed.Comm: step() then trains on this rank's rows
+        self._buckets = None
 
     def step(self, x: Tensor, y: Tensor) -> Tensor:
         """One optimizer step on the batch (x, y); returns its loss."""
+        if self.comm is not None:
+            return self._parallel_step(x, y)
         if self.hand_derived:
             return sgd_step_(self.net, self.optimizer, x, y)
         loss = F.cross_entropy(self.net(x), y)
@@ -167,6 +191,33 @@ class BPExperiment:
         loss.backward()
         self.optimizer.step()
         return loss.detach()
+
+    def _parallel_step(self, x: Tensor, y: Tensor) -> Tensor:
+        """One step on the global batch x (B, D), y (B,) of which this rank computes its rows'
+        gradients; they are all-reduced (weighted by the rank's share of rows) before the
+        update. Returns the global batch's loss."""
+        from fflab.distributed import GradBuckets
+
+        comm, b = self.comm, x.shape[0]
+        if self._buckets is None:
+            units = [list(m.parameters()) for m in (*self.net.layers, self.net.out)]
+            self._buckets = GradBuckets(units, extra=1)
+        rows = comm.rows(b)
+        xs, ys = x[rows].contiguous(), y[rows]
+        if self.hand_derived:
+            self._buckets.bind()
+            loss = hand_backward_(self.net, xs, ys, _write_product, _write_tensor)
+        else:
+            self._buckets.zero_()
+            self._buckets.bind()
+            with torch.enable_grad():
+                loss = F.cross_entropy(self.net(xs), ys)
+                loss.backward()
+            self._buckets.adopt()
+            loss = loss.detach()
+        loss = self._buckets.reduce_(comm, comm.count(b) / b, extra=loss.reshape(1))[0]
+        self.optimizer.step()
+        return loss
 
     def train_epoch(self, epoch: int, generator: torch.Generator, on_batch) -> dict[str, float]:
         t = self.config.train

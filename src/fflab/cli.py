@@ -1,14 +1,22 @@
 """The ``fflab`` command line: ``train``, ``eval``, ``presets``.
 
-Exit codes: 0 success, 1 runtime failure (data, divergence, checkpoint), 2 usage error,
-130 interrupted. Every failure is one line on stderr, never a traceback.
+Exit codes: 0 success, 1 runtime failure (data, divergence, checkpoint, a lost process of a
+data-parallel run), 2 usage error, 130 interrupted, 143 terminated (SIGTERM, which torchrun
+sends to the other processes when one fails). Every failure is one line on stderr, never a
+traceback.
+
+``torchrun --nproc-per-node N -m fflab train ...`` trains data-parallel (see
+:mod:`fflab.distributed`); only rank 0 prints.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -40,6 +48,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", type=Path, help="run directory (default runs/PRESET-TIME)")
     t.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run")
+    t.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="under torchrun: how long a process waits for the others before the run stops "
+        "(default 300)",
+    )
     _common(t)
 
     e = sub.add_parser("eval", help="re-evaluate a saved run on the test set")
@@ -75,14 +91,19 @@ def _print_results(summary: dict) -> None:
         print(f"{k:>24}: {v:.4f}" if isinstance(v, float) else f"{k:>24}: {v}")
 
 
-def _boltzmann_figures(run_dir: Path, algorithm: str | None) -> None:
-    """filters.png and samples.png for an rbm run (needs matplotlib; skipped without it)."""
-    if algorithm != "rbm":
+def _run_figures(run_dir: Path, algorithm: str | None, results: str = "summary.json") -> None:
+    """A run's own figures (needs matplotlib; skipped without it): filters.png and
+    samples.png for an rbm run, iterations.png (from ``results``) for an ff-recurrent run."""
+    if algorithm not in ("rbm", "ff-recurrent"):
         return
     try:
-        from fflab.plots import boltzmann_figures
+        from fflab.plots import boltzmann_figures, recurrent_figure
 
-        for path in boltzmann_figures(run_dir):
+        if algorithm == "rbm":
+            paths = boltzmann_figures(run_dir)
+        else:
+            paths = [recurrent_figure(run_dir, results=results)]
+        for path in paths:
             print(f"{'figure':>24}: {path}")
     except RuntimeError as e:  # matplotlib missing
         print(f"fflab: no figures ({e})", file=sys.stderr)
@@ -103,6 +124,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.epochs is not None:
             overrides.setdefault("train", {})["epochs"] = str(args.epochs)
         config = presets.resolve(args.preset, overrides, seed=args.seed)
+        if args.out is None and "WORLD_SIZE" in os.environ:  # the ranks' clocks may differ
+            raise ConfigError("a run under torchrun needs --out RUN_DIR")
         out = args.out or Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     log = _log(args.quiet)
     summary = runs.train(
@@ -113,12 +136,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume is not None,
         progress=not args.quiet,
         log=log,
+        dist_timeout=args.dist_timeout,
     )
+    if summary.get("rank", 0) != 0:  # a data-parallel run: rank 0 reports
+        return 0
     _print_results(summary)
     print(f"{'wall_seconds':>24}: {summary['wall_seconds']:.1f}")
     print(f"{'train_samples_per_second':>24}: {summary['train_samples_per_second']:.0f}")
     print(f"{'summary':>24}: {out / 'summary.json'}")
-    _boltzmann_figures(out, summary.get("algorithm"))
+    _run_figures(out, summary.get("algorithm"))
     return 0
 
 
@@ -134,7 +160,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     atomic_write_text(out, json.dumps(result, indent=2))
     print(f"{'results':>24}: {out}")
     config = json.loads((args.run_dir / "config.json").read_text())
-    _boltzmann_figures(args.run_dir, config.get("algorithm"))
+    _run_figures(args.run_dir, config.get("algorithm"), results=out.name)
     return 0
 
 
@@ -171,12 +197,22 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+class Terminated(Exception):
+    """SIGTERM arrived (torchrun stops the other processes this way when one fails)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from fflab._runtime import tune_allocator
     from fflab.runs import RunError
 
     tune_allocator()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     commands = {"train": cmd_train, "eval": cmd_eval, "presets": cmd_presets, "plot": cmd_plot}
     handler = commands[args.command]
     try:
@@ -193,6 +229,15 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except Terminated:
+        print(
+            "fflab: terminated; the last completed epoch is checkpointed (train --resume)",
+            file=sys.stderr,
+        )
+        return 143
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,14 @@ epoch), ``checkpoint.safetensors`` (written atomically after every epoch) and, w
 ends, ``summary.json``. Randomness is explicit: weights are drawn from a generator seeded with
 the run's seed, and every epoch draws from its own generator seeded with (seed, epoch), so a
 resumed run makes exactly the draws an uninterrupted one makes.
+
+Launched by ``torchrun``, every process runs :func:`train` data-parallel (see
+:mod:`fflab.distributed`): rank 0 alone reads and writes the run directory and sends the
+config and checkpoint to the others; every rank checks for divergence at the same batches and
+they agree by an all-reduce; a collective that fails stops the run with a :class:`RunError`.
+A checkpoint holds no trace of the number of processes that wrote it (the replicas are equal
+and persistent chains are saved in one process's order), so a run can be resumed with any
+number of processes.
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ import torch
 from tqdm import tqdm
 
 import fflab
-from fflab import checkpoint, data
+from fflab import checkpoint, data, distributed
+from fflab.checkpoint import CheckpointError
 from fflab.config import ConfigError, RunConfig
 from fflab.experiment import ALGORITHMS, BatchValues, Experiment
 from fflab.presets import from_dict
@@ -71,6 +80,38 @@ class BatchReporter:
         if not math.isfinite(values.get("loss", 0.0)):
             raise Diverged(self.diverged(values["loss"]))
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+
+
+class CollectiveReporter(BatchReporter):
+    """The ``on_batch`` callback of a data-parallel epoch: progress bar and divergence check.
+
+    Every rank checks its ``loss`` at the same batches (every ``check_every`` batches and the
+    epoch's last) and the ranks all-reduce the flag, so a divergence seen by one stops every
+    rank at the same point. The bar (rank 0's) is refreshed about every ``every`` seconds and
+    never raises.
+    """
+
+    def __init__(self, bar, total, diverged, comm, check_every: int = 20, **kwargs) -> None:
+        super().__init__(bar, total, diverged, **kwargs)
+        self.comm, self.check_every, self.batches = comm, check_every, 0
+
+    def __call__(self, n: int, values: BatchValues) -> None:
+        self.bar.update(n - self.done)
+        self.done, self.batches = n, self.batches + 1
+        read = None
+        if self.batches % self.check_every == 0 or n >= self.total:
+            read = values() if callable(values) else values
+            loss = read.get("loss", 0.0)
+            if self.comm.any(not math.isfinite(loss)):
+                raise Diverged(self.diverged(loss))
+        if self.bar.disable:
+            return
+        now = self.clock()
+        if now - self.shown_at < self.every and n < self.total:
+            return
+        self.shown_at = now
+        read = read or (values() if callable(values) else values)
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in read.items()}, refresh=False)
 
 
 def diverged_message(epoch: int, out_dir: Path, loss: float) -> str:
@@ -161,9 +202,9 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _environment(device: torch.device) -> dict[str, Any]:
+def _environment(device: torch.device, comm: distributed.Comm | None = None) -> dict[str, Any]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-    return {
+    env = {
         "device": str(device),
         "device_name": name or platform.machine(),
         "torch_version": torch.__version__,
@@ -171,10 +212,19 @@ def _environment(device: torch.device) -> dict[str, Any]:
         "python_version": platform.python_version(),
         "threads": torch.get_num_threads(),
     }
+    if comm is not None:
+        env.update(world_size=comm.world_size, backend=torch.distributed.get_backend())
+    return env
 
 
 def _train_epoch(
-    exp, epoch: int, seed: int, device: torch.device, out_dir: Path, progress: bool
+    exp,
+    epoch: int,
+    seed: int,
+    device: torch.device,
+    out_dir: Path,
+    progress: bool,
+    comm: distributed.Comm | None = None,
 ) -> dict[str, Any]:
     """Train 0-based ``epoch`` under a progress bar; raise :class:`Diverged` if it blew up."""
     bar = tqdm(
@@ -187,14 +237,20 @@ def _train_epoch(
         leave=False,
     )
     message = partial(diverged_message, epoch, out_dir)
-    on_batch = BatchReporter(bar, exp.samples_per_epoch, message)
+    if comm is None:
+        on_batch = BatchReporter(bar, exp.samples_per_epoch, message)
+    else:
+        on_batch = CollectiveReporter(bar, exp.samples_per_epoch, message, comm)
     try:
         m = exp.train_epoch(epoch, epoch_generator(seed, epoch, device), on_batch)
     finally:
         bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    if not math.isfinite(m["loss"]) or not exp.parameters_finite():
+    bad = not math.isfinite(m["loss"]) or not exp.parameters_finite()
+    if comm is not None:
+        bad = comm.any(bad)
+    if bad:
         raise Diverged(diverged_message(epoch, out_dir, m["loss"]))
     return m
 
@@ -209,53 +265,145 @@ def train(
     progress: bool = True,
     log: Callable[[str], None] = lambda s: None,
     datasets: data.Datasets | None = None,
+    dist_timeout: float = distributed.DEFAULT_TIMEOUT,
 ) -> dict[str, Any]:
     """Train (or, with ``resume``, continue) the run in ``out_dir``; return its summary.
 
     ``datasets``: in-memory data (:func:`fflab.data.from_arrays`) for a config whose
     ``data.dataset`` is ``arrays``; a resumed run must get the same data again (checked by
     fingerprint).
+
+    Under ``torchrun`` every process calls this and trains its shards (:mod:`fflab.
+    distributed`); ``dist_timeout`` is how many seconds a process waits for the others in a
+    collective before the run stops. Rank 0 returns the summary, the others ``{"rank": r,
+    "world_size": N}`` (they leave when training ends; rank 0 alone evaluates).
     """
     out_dir = Path(out_dir)
-    ckpt_path = out_dir / CHECKPOINT
+    try:
+        comm = distributed.init(device, dist_timeout)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    except distributed.DistributedError as e:
+        raise RunError(str(e)) from None
+    if comm is None:
+        return _train(config, out_dir, device, data_dir, resume, progress, log, datasets, None)
+    if not comm.lead:
+        progress, log = False, lambda s: None
+    try:
+        return _train(config, out_dir, comm.device, data_dir, resume, progress, log, datasets, comm)
+    except distributed.DistributedError as e:
+        raise RunError(
+            f"{e}; the run stopped. The last checkpoint in {out_dir} is intact: continue with "
+            f"fflab train --resume {out_dir}"
+        ) from None
+    finally:
+        comm.close()
+
+
+def _open_run(config: RunConfig | None, out_dir: Path, resume: bool) -> RunConfig:
+    """The run's config: the one given, or when resuming the run directory's."""
     if resume:
         if not (out_dir / "config.json").is_file():
             raise RunError(f"{out_dir} is not a run directory (no config.json)")
         config = from_dict(json.loads((out_dir / "config.json").read_text()))
-    elif ckpt_path.exists():
+    elif (out_dir / CHECKPOINT).exists():
         raise RunError(f"{out_dir} already holds a run; use --resume {out_dir} or another --out")
     if config is None:
         raise ValueError("config is required unless resuming")
+    return config
 
-    exp = build_experiment(config, data_dir, device, datasets)
+
+def _resume_state(
+    out_dir: Path, resume: bool, fingerprint: str | None, device
+) -> tuple[dict, dict] | None:
+    """The (tensors, meta) of the checkpoint to resume from, if any."""
+    ckpt_path = out_dir / CHECKPOINT
+    if not (resume and ckpt_path.exists()):
+        return None
+    tensors, meta = checkpoint.load(ckpt_path, device)
+    if meta.get("data_fingerprint") != fingerprint:
+        raise RunError(f"{out_dir} was trained on other data than the data given to resume it")
+    return tensors, meta
+
+
+def _train(
+    config: RunConfig | None,
+    out_dir: Path,
+    device: torch.device,
+    data_dir: str | None,
+    resume: bool,
+    progress: bool,
+    log: Callable[[str], None],
+    datasets: data.Datasets | None,
+    comm: distributed.Comm | None,
+) -> dict[str, Any]:
+    ckpt_path = out_dir / CHECKPOINT
+    lead = comm is None or comm.lead
     data_fingerprint = None if datasets is None else data.fingerprint(datasets)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log(f"run directory: {out_dir}")
+    # rank 0 reads the run directory and sends the config and checkpoint to the others
+    errors = (RunError, ConfigError, CheckpointError, ValueError)
+    if comm is None:
+        config = _open_run(config, out_dir, resume)
+    else:
+        text = comm.from_lead(lambda: _open_run(config, out_dir, resume).to_json(), errors)
+        config = from_dict(json.loads(text))
+
+    def build() -> Experiment:
+        exp = build_experiment(config, data_dir, device, datasets)
+        if comm is not None:
+            try:
+                distributed.parallelize(config.algorithm, exp, comm)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        return exp
+
+    if comm is None:
+        exp = build()
+    else:  # rank 0 first (it may download the dataset), then the others
+        exp = comm.together(build if comm.lead else lambda: None)
+        exp = comm.together(lambda: exp if comm.lead else build())
+    if comm is None:
+        state = _resume_state(out_dir, resume, data_fingerprint, device)
+    else:
+        cpu = torch.device("cpu")
+        load = partial(_resume_state, out_dir, resume, data_fingerprint, cpu)
+        state = comm.from_lead(load, errors)
+        if state is not None:
+            state = ({k: v.to(device) for k, v in state[0].items()}, state[1])
     start_epoch, train_seconds, wall_seconds = 0, 0.0, 0.0
     metrics = []
-    if resume and ckpt_path.exists():
-        tensors, meta = checkpoint.load(ckpt_path, device)
-        if meta.get("data_fingerprint") != data_fingerprint:
-            raise RunError(f"{out_dir} was trained on other data than the data given to resume it")
+    if state is not None:
+        tensors, meta = state
         exp.load_state_tensors(tensors, meta)
         start_epoch = int(meta["epochs_done"])
         train_seconds, wall_seconds = meta["train_seconds"], meta["wall_seconds"]
-        metrics = [m for m in _read_jsonl(out_dir / "metrics.jsonl") if m["epoch"] <= start_epoch]
-        log(f"resuming {out_dir} after epoch {start_epoch} of {exp.epochs}")
-    if start_epoch < exp.epochs:
-        (out_dir / "summary.json").unlink(missing_ok=True)  # it described an earlier state
-    checkpoint.atomic_write_text(out_dir / "config.json", config.to_json())
-    checkpoint.atomic_write_text(
-        out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics)
-    )
+    if lead:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log(f"run directory: {out_dir}")
+        if state is not None:
+            log(f"resuming {out_dir} after epoch {start_epoch} of {exp.epochs}")
+            written = state[1].get("world_size", 1)
+            if comm is not None and written != comm.world_size:
+                log(f"  (written by {written} processes, now {comm.world_size})")
+            metrics = [
+                m for m in _read_jsonl(out_dir / "metrics.jsonl") if m["epoch"] <= start_epoch
+            ]
+        if start_epoch < exp.epochs:
+            (out_dir / "summary.json").unlink(missing_ok=True)  # it described an earlier state
+        checkpoint.atomic_write_text(out_dir / "config.json", config.to_json())
+        checkpoint.atomic_write_text(
+            out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics)
+        )
+    if comm is not None:
+        log(f"data-parallel: {comm.world_size} processes, {comm.device.type}")
 
     for epoch in range(start_epoch, exp.epochs):
         t0 = time.perf_counter()
-        m = _train_epoch(exp, epoch, config.seed, device, out_dir, progress)
+        m = _train_epoch(exp, epoch, config.seed, device, out_dir, progress, comm)
         dt = time.perf_counter() - t0
         train_seconds += dt
         if (epoch + 1) % config.data.eval_every == 0 or epoch + 1 == exp.epochs:
-            m.update(exp.epoch_evaluation())
+            m.update(exp.epoch_evaluation())  # every rank: the replicas stay equal
         wall_seconds += time.perf_counter() - t0
         m = {
             "epoch": epoch + 1,
@@ -264,10 +412,14 @@ def train(
             "wall_seconds": wall_seconds,
             **m,
         }
-        tensors, meta = exp.state_tensors()
+        tensors, meta = exp.state_tensors()  # every rank (an RBM's chains are gathered)
+        if not lead:
+            continue
         meta.update(epochs_done=epoch + 1, train_seconds=train_seconds, wall_seconds=wall_seconds)
         if data_fingerprint is not None:
             meta["data_fingerprint"] = data_fingerprint
+        if comm is not None:
+            meta["world_size"] = comm.world_size
         checkpoint.save(ckpt_path, tensors, meta)
         with open(out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(m) + "\n")
@@ -278,6 +430,8 @@ def train(
             )
         )
 
+    if not lead:
+        return {"rank": comm.rank, "world_size": comm.world_size}
     t0 = time.perf_counter()
     results = exp.evaluate()
     wall_seconds += time.perf_counter() - t0
@@ -291,7 +445,7 @@ def train(
         "preset": config.preset,
         "algorithm": config.algorithm,
         "dataset": config.data.dataset,
-        **_environment(device),
+        **_environment(device, comm),
     }
     checkpoint.atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary

@@ -190,6 +190,25 @@ class RBMExperiment(MomentumState):
         )
         self.epochs = t.epochs
         self.samples_per_epoch = len(data.train)
+        # a fflab.distributed.Comm: train on this rank's rows and chains (see rbm_train_epoch)
+        self.comm = None
+
+    def state_tensors(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The checkpoint; data-parallel, every rank's persistent chains gathered in the order
+        of one process's chains (so any number of processes can resume it)."""
+        tensors, meta = super().state_tensors()
+        if self.comm is not None and self.rbm.persistent_h.shape[0] > 0:
+            n = self.config.train.batch_size
+            for name in ("persistent_v", "persistent_h"):
+                tensors[f"model.{name}"] = self.comm.gather_rows(getattr(self.rbm, name), n)
+        return tensors, meta
+
+    def load_state_tensors(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        super().load_state_tensors(tensors, meta)
+        if self.comm is not None and self.rbm.persistent_h.shape[0] > 0:
+            rows = self.comm.rows(self.rbm.persistent_h.shape[0])
+            self.rbm.persistent_v = self.rbm.persistent_v[rows].clone()
+            self.rbm.persistent_h = self.rbm.persistent_h[rows].clone()
 
     def train_epoch(self, epoch: int, generator: torch.Generator, on_batch) -> dict[str, float]:
         t = self.config.train
@@ -204,6 +223,7 @@ class RBMExperiment(MomentumState):
             persistent=t.persistent,
             generator=generator,
             on_batch=on_batch,
+            comm=self.comm,
         )
         return {
             "loss": stats["reconstruction_error"],
