@@ -184,8 +184,9 @@ def boltzmann_figures(
     return [filters, grid]
 
 
-def recurrent_figure(run_dir: Path, out: Path | None = None) -> Path:
-    """``iterations.png`` of an ``ff-recurrent`` run from its ``summary.json``; returns its path.
+def recurrent_figure(run_dir: Path, out: Path | None = None, results: str = "summary.json") -> Path:
+    """``iterations.png`` of an ``ff-recurrent`` run from its ``results`` file (``summary.json``
+    or ``fflab eval``'s ``eval.json``); returns its path.
 
     Left: test error against the iterations used at test time, scoring by the goodness of one
     iteration alone and by iterations 1..t summed, with the scoring window's error marked.
@@ -193,9 +194,9 @@ def recurrent_figure(run_dir: Path, out: Path | None = None) -> Path:
     true label (solid) and with the wrong labels (dashed).
     """
     run_dir = Path(run_dir)
-    path = run_dir / "summary.json"
+    path = run_dir / results
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no summary.json (the run has not finished)")
+        raise FileNotFoundError(f"{run_dir} has no {results} (the run has not finished)")
     s = json.loads(path.read_text())
     if "error_by_iteration" not in s:
         raise ValueError(f"{run_dir} is not a recurrent FF run (no error_by_iteration)")

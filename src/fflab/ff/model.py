@@ -313,27 +313,36 @@ class FFNet(nn.Module):
         return out
 
     @torch.no_grad()
-    def label_scores(self, x: Tensor, layers: Sequence[int] | None = None) -> Tensor:
-        """Summed goodness logit of every candidate label: x (B, D) -> (B, C).
+    def label_goodness(self, x: Tensor) -> Tensor:
+        """Goodness of every hidden layer for every candidate label: x (B, D) -> (B, C, L).
 
         One first-layer product with the image, shared by all C labels, then one batched pass
-        of C*B rows through the remaining layers. ``layers`` (default: hidden layers
-        ``score_from..``) chooses whose goodness counts. For ``minssq`` the score is the
-        negated sum of squares, so the argmax is always the prediction.
+        of C*B rows (label-major) through the remaining layers.
         """
         c = self.config
         if not c.supervised:
             raise ValueError("an unsupervised net has no labels to score; use its probe")
-        layers = range(c.score_from, self.num_layers) if layers is None else layers
         b = x.shape[0]
         a_img, sq = self.image_part(x)  # (B, H_0), (B,)
         scale = self.label_scale(sq, neutral=False)  # (B,)
         wy = self.layers[0].weight[:, : c.num_classes]  # (H_0, C)
         z0 = (a_img.unsqueeze(0) + wy.T.unsqueeze(1)) * scale.unsqueeze(1)  # (C, B, H_0)
         z0 = (z0 + self.layers[0].bias).reshape(c.num_classes * b, -1)  # (C*B, H_0)
-        acts = self.rest_of_net(z0)
-        score = sum(positive_logit(goodness(acts[i], c.goodness), 0.0, c.goodness) for i in layers)
-        return score.reshape(c.num_classes, b).T  # (B, C)
+        g = torch.stack([goodness(a, c.goodness) for a in self.rest_of_net(z0)], 1)
+        return g.view(c.num_classes, b, -1).transpose(0, 1)  # (B, C, L)
+
+    @torch.no_grad()
+    def label_scores(self, x: Tensor, layers: Sequence[int] | None = None) -> Tensor:
+        """Summed goodness logit of every candidate label: x (B, D) -> (B, C).
+
+        ``layers`` (default: hidden layers ``score_from..``) chooses whose goodness counts.
+        For ``minssq`` the score is the negated sum of squares, so the argmax is always the
+        prediction.
+        """
+        c = self.config
+        layers = range(c.score_from, self.num_layers) if layers is None else layers
+        g = self.label_goodness(x)[..., list(layers)]  # (B, C, |layers|)
+        return positive_logit(g, 0.0, c.goodness).sum(2)
 
     def head_features(self, acts: Sequence[Tensor]) -> Tensor:
         """Input of the softmax head: normalized activities of layers head_from.. (B, F)."""
