@@ -68,6 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("run_dirs", type=Path, nargs="+")
     pl.add_argument("--out", type=Path, default=Path("time_to_accuracy.png"))
     pl.add_argument("--key", default="test_error_goodness")
+
+    st = sub.add_parser("study", help="run a study of FF's claims: figures and a report")
+    st.add_argument("name", nargs="?", help="the study (see 'fflab study --list')")
+    st.add_argument("--list", action="store_true", help="list the studies")
+    st.add_argument("--quick", action="store_true", help="small nets, few epochs (minutes)")
+    st.add_argument("--out", type=Path, help="study directory (default runs/study-NAME)")
+    st.add_argument("--seed", type=int, default=0)
+    _common(st)
     return p
 
 
@@ -197,6 +205,33 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from fflab import studies
+
+    if args.list:
+        listing = studies.describe()
+        width = max(map(len, listing))
+        for name, text in listing.items():
+            print(f"{name:<{width}}  {text}")
+        return 0
+    if not args.name:
+        raise ConfigError("study needs a NAME (or --list)")
+    if args.name not in studies.STUDIES:
+        raise ConfigError(f"unknown study {args.name!r}; run 'fflab study --list'")
+    out = args.out or Path("runs") / f"study-{args.name}{'-quick' if args.quick else ''}"
+    ctx = studies.StudyContext(
+        out_dir=out,
+        quick=args.quick,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        log=_log(args.quiet),
+    )
+    studies.run_study(args.name, ctx)
+    print(f"{'report':>24}: {out / 'report.md'}")
+    print(f"{'results':>24}: {out / 'results.json'}")
+    return 0
+
+
 class Terminated(Exception):
     """SIGTERM arrived (torchrun stops the other processes this way when one fails)."""
 
@@ -213,7 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     tune_allocator()
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
-    commands = {"train": cmd_train, "eval": cmd_eval, "presets": cmd_presets, "plot": cmd_plot}
+    commands = {
+        "train": cmd_train,
+        "eval": cmd_eval,
+        "presets": cmd_presets,
+        "plot": cmd_plot,
+        "study": cmd_study,
+    }
     handler = commands[args.command]
     try:
         return handler(args)

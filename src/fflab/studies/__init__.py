@@ -1,0 +1,83 @@
+"""Studies: measured answers to the FF paper's claims and its open question.
+
+A study trains what it needs through the ordinary run loop (each net in a run directory under
+the study's directory, so an interrupted study resumes its runs), measures, and writes
+``report.md``, ``results.json`` and PNG figures into its directory. ``fflab study NAME
+[--quick]`` runs one; ``fflab study --list`` lists them. A study is a module with
+``DESCRIPTION`` and ``run(ctx) -> dict``, registered in :data:`STUDIES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fflab import checkpoint
+
+STUDIES = {
+    "goodness": "fflab.studies.goodness",
+}
+
+
+@dataclass
+class StudyContext:
+    """Where a study writes and what it trains on.
+
+    ``data`` (optional): ``(x_train, y_train, x_test, y_test)`` arrays instead of MNIST
+    (tests use scikit-learn's digits); ``settings`` are merged into every run's settings.
+    """
+
+    out_dir: Path
+    quick: bool = False
+    seed: int = 0
+    data_dir: str | None = None
+    data: Any = None
+    image_shape: tuple[int, int] = (28, 28)
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    log: Callable[[str], None] = lambda s: None
+
+    def train(self, name: str, preset: str, settings: dict[str, dict[str, Any]]) -> Path:
+        """Train ``preset`` with ``settings`` into ``out_dir/name`` (resuming an unfinished
+        run, reusing a finished one); returns the run directory."""
+        import fflab
+
+        run_dir = self.out_dir / name
+        merged = {k: dict(v) for k, v in settings.items()}
+        for section, values in self.settings.items():
+            merged.setdefault(section, {}).update(values)
+        if (run_dir / "summary.json").is_file():
+            self.log(f"{name}: reusing the finished run in {run_dir}")
+        elif (run_dir / "config.json").is_file():
+            self.log(f"{name}: resuming {run_dir}")
+            fflab.train(preset, run_dir, data=self.data, resume=True, data_dir=self.data_dir)
+        else:
+            self.log(f"{name}: training {preset} into {run_dir}")
+            fflab.train(
+                preset,
+                run_dir,
+                data=self.data,
+                settings=merged,
+                seed=self.seed,
+                data_dir=self.data_dir,
+            )
+        return run_dir
+
+
+def describe() -> dict[str, str]:
+    """Every study's one-line description, by name."""
+    return {name: importlib.import_module(mod).DESCRIPTION for name, mod in STUDIES.items()}
+
+
+def run_study(name: str, ctx: StudyContext) -> dict[str, Any]:
+    """Run study ``name``; writes ``results.json`` (and the study's report and figures)."""
+    if name not in STUDIES:
+        raise ValueError(f"unknown study {name!r}; choose one of {', '.join(STUDIES)}")
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    results = importlib.import_module(STUDIES[name]).run(ctx)
+    payload = {"study": name, "quick": ctx.quick, "seed": ctx.seed, **results}
+    checkpoint.atomic_write_text(ctx.out_dir / "results.json", json.dumps(payload, indent=2))
+    return payload

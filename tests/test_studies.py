@@ -1,0 +1,132 @@
+"""Studies: their measures against hand-computed values and known distributions, and the
+goodness study end to end on scikit-learn's digits (no download)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fflab.studies import STUDIES, StudyContext, describe, run_study
+from fflab.studies.metrics import (
+    area_under_risk_coverage,
+    expected_calibration_error,
+    mean_overconfidence,
+    reliability,
+    risk_at_coverage,
+    risk_coverage,
+)
+
+
+def test_reliability_and_ece_by_hand():
+    p = torch.tensor([0.05, 0.15, 0.95, 0.95, 1.0])
+    t = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0])
+    mean_p, frac, count = reliability(p, t, bins=10)
+    assert count.tolist() == [1, 1, 0, 0, 0, 0, 0, 0, 0, 2 + 1]  # p = 1 goes to the last bin
+    assert mean_p[0] == pytest.approx(0.05) and frac[0] == 0.0
+    assert mean_p[9] == pytest.approx((0.95 + 0.95 + 1.0) / 3) and frac[9] == pytest.approx(2 / 3)
+    assert torch.isnan(mean_p[2]) and torch.isnan(frac[2])
+    # |0 - .05| * 1 + |1 - .15| * 1 + |2/3 - .9667| * 3, over 5
+    want = (0.05 + 0.85 + abs(2 / 3 - 2.9 / 3) * 3) / 5
+    assert expected_calibration_error(p, t) == pytest.approx(want)
+
+
+def test_calibrated_and_overconfident_predictors_are_told_apart():
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(200_000, generator=g, dtype=torch.float64)
+    t = torch.bernoulli(p, generator=g)  # outcomes drawn with the predicted probability
+    assert expected_calibration_error(p, t) < 0.005
+    assert abs(mean_overconfidence(p, t)) < 0.005
+    q = 0.5 + 0.5 * (p - 0.5)  # the truth is half as extreme as p says
+    t2 = torch.bernoulli(q, generator=g)
+    assert expected_calibration_error(p, t2) == pytest.approx(0.125, abs=0.01)
+    assert mean_overconfidence(p, t2) == pytest.approx(0.125, abs=0.01)
+    assert mean_overconfidence(q, torch.bernoulli(p, generator=g)) < -0.1  # under-confident
+
+
+def test_risk_coverage_by_hand():
+    conf = torch.tensor([0.9, 0.1, 0.5, 0.5])
+    correct = torch.tensor([True, False, False, True])
+    cov, risk = risk_coverage(conf, correct)
+    assert cov.tolist() == [0.25, 0.5, 0.75, 1.0]
+    # order: 0.9 (right), 0.5 (wrong, first of the tie), 0.5 (right), 0.1 (wrong)
+    assert risk.tolist() == pytest.approx([0.0, 0.5, 1 / 3, 0.5])
+    assert area_under_risk_coverage(conf, correct) == pytest.approx((0 + 0.5 + 1 / 3 + 0.5) / 4)
+    assert risk_at_coverage(conf, correct, 0.5) == pytest.approx(0.5)
+
+
+def test_every_study_is_listed_with_a_description():
+    d = describe()
+    assert set(d) == set(STUDIES) and all(len(v) > 20 for v in d.values())
+    with pytest.raises(ValueError, match="unknown study"):
+        run_study("nope", StudyContext(out_dir=None))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x, y = (d.data / 16.0).astype(np.float32), d.target
+    idx = np.random.default_rng(0).permutation(len(y))
+    tr, te = idx[:1400], idx[1400:]
+    return {"x_train": x[tr], "y_train": y[tr], "x_test": x[te], "y_test": y[te],
+            "image_shape": (8, 8)}  # fmt: skip
+
+
+def test_goodness_study_on_digits(tmp_path, digits, one_thread):
+    ctx = StudyContext(
+        out_dir=tmp_path / "goodness",
+        quick=True,
+        data=digits,
+        settings={
+            "model": {"hidden": [100, 100, 100]},
+            "train": {"epochs": 30, "lr": 0.02},
+            "data": {"eval_batch_size": 500},
+        },
+    )
+    out = run_study("goodness", ctx)
+    assert set(out["runs"]) == {
+        "supervised-theta0.5",
+        "supervised-theta1",
+        "supervised-theta2",
+        "unsupervised",
+    }
+    sup = out["runs"]["supervised-theta1"]
+    assert sup["theta"] == [100.0, 100.0, 100.0]
+    assert out["runs"]["supervised-theta2"]["theta"] == [200.0] * 3
+    for layer in sup["layers"]:
+        for cal in layer.values():
+            assert 0 <= cal["ece"] <= 1 and sum(cal["bins"]["count"]) == 2 * 397
+    conf = sup["confidence"]["goodness_margin"]
+    assert conf["error_at_80"] <= conf["error"] + 1e-9  # refusing the least sure never hurts here
+    assert len(sup["layer_ranges"]) == 6  # 0..0, 0..1, 0..2, 1..1, 1..2, 2..2
+    # the study's error for the scorer's own layers equals the net's goodness-scoring error
+    summary = json.loads((tmp_path / "goodness" / "supervised-theta1" / "summary.json").read_text())
+    own = next(r for r in sup["layer_ranges"] if (r["first"], r["last"]) == (1, 2))
+    assert own["error"] == pytest.approx(summary["test_error_goodness"])
+    assert conf["error"] == pytest.approx(summary["test_error_goodness"])
+    report = (tmp_path / "goodness" / "report.md").read_text()
+    assert "## Answer" in report and "| supervised-theta1 | 0 | random_wrong |" in report
+    for png in ("reliability.png", "risk_coverage.png"):
+        assert (tmp_path / "goodness" / png).stat().st_size > 5000
+    assert json.loads((tmp_path / "goodness" / "results.json").read_text())["study"] == "goodness"
+    # a second call reuses the finished runs (no training) and gives the same numbers
+    again = run_study("goodness", ctx)
+    assert again["runs"]["supervised-theta1"]["layer_ranges"] == sup["layer_ranges"]
+
+
+def test_study_command_lists_and_rejects_with_exit_2():
+    import subprocess
+    import sys
+
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", "fflab", "study", *args], capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+        return r.returncode, r.stdout, r.stderr
+
+    code, out, _ = cli("--list")
+    assert code == 0 and all(name in out for name in STUDIES)
+    for args, needle in ((["nope"], "unknown study"), ([], "needs a NAME")):
+        code, _, err = cli(*args)
+        assert code == 2 and needle in err and "Traceback" not in err
