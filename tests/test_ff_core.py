@@ -186,3 +186,23 @@ def test_forward_returns_activities_and_goodness(mode):
     if mode == "none":
         with pytest.raises(ValueError, match="takes no labels"):
             net(x, y)
+
+
+@pytest.mark.parametrize("mode", ["overlay", "none"])
+def test_unit_activity_counts_dead_and_always_on_units(mode):
+    """Layer 0, 7 units: unit 0 is forced off (z = -1), unit 1 on (z = +1), the rest vary."""
+    net = net_for(mode)
+    with torch.no_grad():
+        for unit, bias in ((0, -1.0), (1, 1.0)):
+            net.layers[0].weight[unit] = 0.0
+            net.layers[0].bias[unit] = bias
+    negatives = "hard" if mode == "overlay" else "hybrid"
+    tr = FFTrainer(net, FFTrainConfig(negatives=negatives, lr=1e-12, batch_size=9))
+    x, y = batch(n=18)
+    tr.train_epoch(x, y, 0, torch.Generator().manual_seed(0))
+    acts = net.activities(x, y) if mode == "overlay" else net.activities(x)
+    want = [(float((a > 0).sum(0).eq(0).double().mean()), float((a > 0).all(0).double().mean()))
+            for a in acts]  # fmt: skip
+    got = tr.unit_activity()
+    assert got[0][0] >= 1 / 7 and got[0][1] >= 1 / 7  # the forced units
+    assert got == want  # lr ~ 0: the epoch saw the same net; fractions are k / H exactly

@@ -130,3 +130,24 @@ def test_study_command_lists_and_rejects_with_exit_2():
     for args, needle in ((["nope"], "unknown study"), ([], "needs a NAME")):
         code, _, err = cli(*args)
         assert code == 2 and needle in err and "Traceback" not in err
+
+
+def test_dead_units_study_on_digits(tmp_path, digits, one_thread):
+    ctx = StudyContext(
+        out_dir=tmp_path / "dead",
+        quick=True,
+        data=digits,
+        settings={"model": {"hidden": [60, 60]}, "train": {"epochs": 3}},
+    )
+    out = run_study("dead-units", ctx)
+    assert len(out["runs"]) == 7
+    for name, r in out["runs"].items():
+        metrics = (tmp_path / "dead" / name / "metrics.jsonl").read_text().splitlines()
+        assert len(r["dead"]) == 2 and len(r["dead"][0]) == len(metrics) == 3
+        assert all(0 <= v <= 1 for d in r["dead"] + r["always_on"] for v in d)
+        assert r["error_kind"] == (
+            "test_error_goodness" if "sup" in name[:3] else "test_error_probe"
+        )
+    report = (tmp_path / "dead" / "report.md").read_text()
+    assert "## Answer" in report and "supervised-peer0.06" in report
+    assert (tmp_path / "dead" / "units.png").stat().st_size > 5000

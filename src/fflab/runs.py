@@ -423,7 +423,11 @@ def _train(
         checkpoint.save(ckpt_path, tensors, meta)
         with open(out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(m) + "\n")
-        shown = {k: v for k, v in m.items() if not k.startswith(("goodness", "loss_"))}
+        shown = {
+            k: v
+            for k, v in m.items()
+            if not k.startswith(("goodness", "loss_", "dead_", "always_on_"))
+        }
         log(
             "  ".join(
                 f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()

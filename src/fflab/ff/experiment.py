@@ -82,6 +82,8 @@ class FFExperiment:
             tr.x, tr.y, local_epoch, generator, active, length, on_batch=report
         )
         out = {"loss": float(stats[:, 0].sum()), "lr": self.trainer.optimizer.param_groups[0]["lr"]}
+        for i, (dead, always) in enumerate(self.trainer.unit_activity()):
+            out[f"dead_{i}"], out[f"always_on_{i}"] = dead, always
         for i in range(self.net.num_layers):
             out[f"loss_{i}"] = float(stats[i, 0])
             out[f"goodness_pos_{i}"] = float(stats[i, 1])

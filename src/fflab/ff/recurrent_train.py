@@ -116,6 +116,7 @@ class RecurrentTrainer(FFTrainer):
             normed = [_normalized(s, _sumsq(s)) for s in states]
 
         n_w = len(window)
+        self._count_active([s[:b] for s in states])  # the positive rows' final states
         for i in range(n_layers):
             if c.peer_norm > 0:
                 rm = net.running_mean(i)

@@ -172,6 +172,9 @@ class FFTrainer:
         self._cache: dict[tuple, tuple[Tensor, ...]] = {}
         self._layers = list(net.layers)  # slicing a ModuleList builds a new module each time
         self._inactive: list[int] = []
+        # per unit, the positive rows it was active on this epoch (see unit_activity)
+        self._active_counts: list[Tensor] | None = None
+        self._active_rows = 0
 
     def set_lr_factor(self, factor: float) -> None:
         for g in self.optimizer.param_groups:
@@ -254,6 +257,7 @@ class FFTrainer:
         """
         net, c = self.net, self.net.config
         b = acts[0].shape[0] // 2
+        self._count_active([a[:b] for a in acts])
         for i in active:
             a = acts[i]
             dz = a * coef[i].unsqueeze(1)  # (2B, H_i)
@@ -265,6 +269,26 @@ class FFTrainer:
                 first(dz)
             else:
                 self._layers[i].local_grad(inputs[i], dz, self._param_grad)
+
+    def _count_active(self, positive: list[Tensor]) -> None:
+        """Add, per unit, the positive rows (N, H_l) on which it is active (> 0) to the
+        epoch's counts (:meth:`unit_activity`)."""
+        if self._active_counts is None:
+            self._active_counts = [torch.zeros(a.shape[1], device=a.device) for a in positive]
+        for count, a in zip(self._active_counts, positive, strict=True):
+            count += (a > 0).sum(0)
+        self._active_rows += positive[0].shape[0]
+
+    def unit_activity(self) -> list[tuple[float, float]]:
+        """Per layer, the fractions of units never active (dead) and active on every positive
+        row (always on) since the last :meth:`train_epoch` began; empty before any step."""
+        if self._active_counts is None:
+            return []
+        rows = self._active_rows
+        return [
+            (float((c == 0).double().mean()), float((c == rows).double().mean()))
+            for c in self._active_counts
+        ]
 
     def _batch_mean(self, a: Tensor) -> Tensor:
         """Mean of the rows of a (N, H) -> (H,): peer normalization's batch statistic (a
@@ -428,6 +452,7 @@ class FFTrainer:
         """
         cfg = self.cfg
         self.set_lr_factor(lr_factor(epoch, lr_epochs or cfg.epochs, cfg.lr_schedule))
+        self._active_counts, self._active_rows = None, 0
         n = x.shape[0]
         order = torch.randperm(n, generator=generator, device=generator.device).to(x.device)
         total = torch.zeros(self.net.num_layers, 3, dtype=x.dtype, device=x.device)

@@ -20,6 +20,7 @@ from fflab import checkpoint
 
 STUDIES = {
     "goodness": "fflab.studies.goodness",
+    "dead-units": "fflab.studies.dead_units",
 }
 
 
