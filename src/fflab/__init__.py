@@ -5,7 +5,9 @@ The public surface is what this module exports; the implementation modules behin
 ``fflab.backprop``, ``fflab.boltzmann``, ``fflab.data``, ``fflab.optim`` and ``fflab.runs``.
 
 Runs (run directories, checkpoints, resume, metrics): :func:`train`, :func:`load_run`, on a
-preset's dataset or on in-memory data (:func:`from_arrays`).
+preset's dataset or on in-memory data (:func:`from_arrays`). scikit-learn estimators live in
+``fflab.sklearn`` (imported on its own, so scikit-learn stays optional); studies of FF's
+claims in ``fflab.studies``.
 """
 
 __version__ = "0.1.0"

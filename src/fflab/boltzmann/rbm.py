@@ -129,6 +129,22 @@ class CDResult(NamedTuple):
     weight_factors: tuple[Tensor, Tensor]
 
 
+_SCALES: dict[tuple, Tensor] = {}
+
+
+def _phase_scale(n_pos: int, n_neg: int, like: Tensor) -> Tensor:
+    """The column (B + C, 1) of 1/B for the data rows and -1/C for the model's, made once per
+    shape, dtype and device (three small writes cost more than a small CD step's GEMMs)."""
+    key = (n_pos, n_neg, like.dtype, like.device)
+    if key not in _SCALES:
+        with torch.inference_mode(False), torch.no_grad():
+            scale = torch.empty(n_pos + n_neg, 1, dtype=like.dtype, device=like.device)
+            scale[:n_pos] = 1.0 / n_pos
+            scale[n_pos:] = -1.0 / n_neg
+        _SCALES[key] = scale
+    return _SCALES[key]
+
+
 def cd_gradient(
     v_data: Tensor,
     W: Tensor,
@@ -185,9 +201,7 @@ def cd_gradient(
     # (and for PCD the data's up-pass with it) and both weight statistics are single GEMMs:
     # <v h'>_data - <v h'>_model = [v_data; v]' [h_pos / B; -h_neg / C].
     both = torch.cat((v_data, v))  # (B + C, V)
-    scale = both.new_empty(n_pos + n_neg, 1)  # (B + C, 1): 1/B for data rows, -1/C for model
-    scale[:n_pos] = 1.0 / n_pos
-    scale[n_pos:] = -1.0 / n_neg
+    scale = _phase_scale(n_pos, n_neg, both)  # (B + C, 1): 1/B for data rows, -1/C for model
     if h_chain is None:
         h_prob = torch.sigmoid(_affine(v, W, b_h))  # (C, H)
         coef = torch.cat((h_pos, h_prob)).mul_(scale)  # (B + C, H)
