@@ -86,7 +86,8 @@ PRESETS: dict[str, Preset] = {
             "ff-recurrent",
             "the recurrent recipe at 2 x 500 and 12 epochs: what fits in about 10 minutes on a "
             "2-core CPU",
-            "not yet measured",
+            "fflab, 2-core CPU: 2.12% test error (goodness over iterations 3-5; softmax head "
+            "2.86%) in 374 s, seed 0",
             {"model": {**_RECURRENT, "hidden": [500, 500]}, "train": {**_HINTON, "epochs": 12}},
         ),
         Preset(
