@@ -151,3 +151,10 @@ def test_dead_units_study_on_digits(tmp_path, digits, one_thread):
     report = (tmp_path / "dead" / "report.md").read_text()
     assert "## Answer" in report and "supervised-peer0.06" in report
     assert (tmp_path / "dead" / "units.png").stat().st_size > 5000
+
+
+def test_standard_error_by_hand():
+    from fflab.studies import standard_error
+
+    assert standard_error(2.0, 10_000) == pytest.approx(100 * (0.02 * 0.98 / 10_000) ** 0.5)
+    assert standard_error(0.0, 10) == 0.0

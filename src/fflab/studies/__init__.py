@@ -68,6 +68,27 @@ class StudyContext:
         return run_dir
 
 
+def run_data(run_dir: Path, ctx: StudyContext):
+    """The run's config and test split (the data it was trained with)."""
+    import torch
+
+    from fflab import runs as run_loop
+    from fflab.api import _datasets
+    from fflab.presets import from_dict
+
+    config = from_dict(json.loads((run_dir / "config.json").read_text()))
+    given = None if ctx.data is None else _datasets(ctx.data)
+    ds = run_loop.prepare_data(config, ctx.data_dir, torch.device("cpu"), given)
+    return config, ds.test
+
+
+def standard_error(error_percent: float, n: int) -> float:
+    """One binomial standard error, in points, of a test error (percent) measured on n
+    images: ``100 sqrt(p (1 - p) / n)``."""
+    p = error_percent / 100.0
+    return 100.0 * (p * (1 - p) / max(n, 1)) ** 0.5
+
+
 def describe() -> dict[str, str]:
     """Every study's one-line description, by name."""
     return {name: importlib.import_module(mod).DESCRIPTION for name, mod in STUDIES.items()}

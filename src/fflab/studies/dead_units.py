@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fflab.checkpoint import atomic_write_text
-from fflab.studies import StudyContext
+from fflab.studies import StudyContext, run_data, standard_error
 
 DESCRIPTION = (
     "fraction of dead and always-on units per layer over training, with and without peer "
@@ -66,6 +66,7 @@ def run(ctx: StudyContext) -> dict[str, Any]:
             "peer_norm": settings["model"]["peer_norm"],
             "test_error": summary[key],
             "error_kind": key,
+            "n_test": len(run_data(run_dir, ctx)[1]),
             **unit_curves(run_dir),
         }
     write_report(ctx.out_dir, results, ctx.quick)
@@ -131,6 +132,7 @@ def write_report(out_dir: Path, results: dict[str, Any], quick: bool) -> Path:
                 f"are dead at the end; dead units {fate}."
             )
         best = min(members.values(), key=lambda r: r["test_error"])
+        se = standard_error(best["test_error"], best["n_test"])
         lines.append(
             f"- {group}: the lowest test error, {best['test_error']:.2f}%, is at peer norm "
             f"{best['peer_norm']:g}; "
@@ -139,7 +141,8 @@ def write_report(out_dir: Path, results: dict[str, Any], quick: bool) -> Path:
                 f"{100 * max(d[-1] for d in r['dead']):.1f}% dead"
                 for r in members.values()
             )
-            + "."
+            + f". One standard error of these errors is about {se:.2f} points: differences "
+            "under two of them are not resolved by one seed."
         )
     fig = _figure(out_dir, results)
     if fig:

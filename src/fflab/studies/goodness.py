@@ -21,7 +21,6 @@ training negatives). The study measures, on held-out data:
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +30,7 @@ import fflab
 from fflab.ff.functional import positive_logit
 from fflab.ff.model import FFNet
 from fflab.negatives import hybrid_images, random_wrong_labels
-from fflab.studies import StudyContext
+from fflab.studies import StudyContext, run_data
 from fflab.studies.metrics import (
     area_under_risk_coverage,
     expected_calibration_error,
@@ -72,20 +71,6 @@ def _runs(ctx: StudyContext) -> dict[str, dict[str, Any]]:
         },
     )
     return runs
-
-
-def _run_data(run_dir: Path, ctx: StudyContext):
-    """The run's config and test split (the data it was trained with)."""
-    import json
-
-    from fflab import runs as run_loop
-    from fflab.api import _datasets
-    from fflab.presets import from_dict
-
-    config = from_dict(json.loads((run_dir / "config.json").read_text()))
-    given = None if ctx.data is None else _datasets(ctx.data)
-    ds = run_loop.prepare_data(config, ctx.data_dir, torch.device("cpu"), given)
-    return config, ds.test
 
 
 def layer_probabilities(net: FFNet, g: Tensor) -> Tensor:
@@ -187,13 +172,14 @@ def run(ctx: StudyContext) -> dict[str, Any]:
     for name, (preset, settings) in _runs(ctx).items():
         run_dir = ctx.train(name, preset, settings)
         net = fflab.load_run(run_dir)
-        config, test = _run_data(run_dir, ctx)
+        config, test = run_data(run_dir, ctx)
         if net.config.supervised:
             m = supervised_measures(net, test.x, test.y, ctx.seed)
         else:
             shape = tuple(net.config.image_shape[1:])
             m = unsupervised_measures(net, test.x, shape, config.train.blurs, ctx.seed)
         m["theta"] = [net.theta(i) for i in range(net.num_layers)]
+        m["n_test"] = len(test)
         m["run_dir"] = str(run_dir)
         results["runs"][name] = m
     from fflab.studies.goodness_report import write_report

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fflab.checkpoint import atomic_write_text
+from fflab.studies import standard_error
 
 WELL_CALIBRATED = 0.02  # ECE below this: "calibrated" in the report's wording
 
@@ -165,5 +166,11 @@ def answer(runs: dict[str, Any]) -> list[str]:
             f"{sum(x['random_wrong']['ece'] for x in r['layers']) / len(r['layers']):.3f}"
             for k, r in thetas.items()
         )
-        out.append(f"- theta (factor of the layer width): test error {errs}; mean ECE {mean_ece}.")
+        first = next(iter(thetas.values()))
+        se = standard_error(first["confidence"]["goodness_margin"]["error"], first["n_test"])
+        out.append(
+            f"- theta (factor of the layer width): test error {errs}; mean ECE {mean_ece}. One "
+            f"standard error of these errors is about {se:.2f} points: differences under two "
+            "of them are not resolved by one seed."
+        )
     return out
