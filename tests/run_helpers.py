@@ -1,5 +1,6 @@
 """Helpers shared by the run-directory tests: interrupt a run, compare checkpoints."""
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,24 @@ def assert_same_checkpoints(a_dir: Path, b_dir: Path) -> None:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@contextlib.contextmanager
+def stop_at_second_checkpoint():
+    """Inside, a run stops with :class:`Stop` where it would write its second checkpoint, so
+    its first epoch is saved and the second is lost, as after a real interruption."""
+    calls = {"n": 0}
+    save = checkpoint.save
+
+    def interrupt(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise Stop
+        return save(*a, **k)
+
+    checkpoint.save = interrupt
+    try:
+        with pytest.raises(Stop):
+            yield
+    finally:
+        checkpoint.save = save

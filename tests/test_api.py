@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from run_helpers import Stop, assert_same_checkpoints
+from run_helpers import assert_same_checkpoints, stop_at_second_checkpoint
 from sklearn.datasets import load_digits
 
 import fflab
@@ -84,21 +84,8 @@ def test_resume_on_arrays_is_exact_and_checks_the_data(tmp_path, digits, one_thr
     settings = {**SMALL, "train": {"epochs": 3}}
     fflab.train("mnist-ff-quick", tmp_path / "full", data=digits, settings=settings)
     part = tmp_path / "part"
-    stop = {"n": 0}
-
-    def interrupt(*a, **k):  # the second epoch's checkpoint is never written
-        stop["n"] += 1
-        if stop["n"] == 2:
-            raise Stop
-        return save(*a, **k)
-
-    save = checkpoint.save
-    checkpoint.save = interrupt
-    try:
-        with pytest.raises(Stop):
-            fflab.train("mnist-ff-quick", part, data=digits, settings=settings)
-    finally:
-        checkpoint.save = save
+    with stop_at_second_checkpoint():
+        fflab.train("mnist-ff-quick", part, data=digits, settings=settings)
     assert checkpoint.load(part / runs.CHECKPOINT)[1]["epochs_done"] == 1
     with pytest.raises(RunError, match="handed over in memory"):
         fflab.train("mnist-ff-quick", part, resume=True)

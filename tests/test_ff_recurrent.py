@@ -6,10 +6,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from run_helpers import Stop
+from run_helpers import stop_at_second_checkpoint
 
 import fflab
-from fflab import checkpoint
 from fflab.ff.recurrent import RecurrentFFConfig, RecurrentFFNet
 from fflab.ff.recurrent_train import RecurrentTrainer, iteration_report
 from fflab.ff.reference import RecurrentReferenceTrainer
@@ -213,20 +212,8 @@ def test_recurrent_resume_is_bit_exact(tmp_path, one_thread):
     settings = {"model": SETTINGS["model"], "train": {**SETTINGS["train"], "epochs": 3}}
     data = digits()
     whole = fflab.train(PRESET, tmp_path / "a", data=data, settings=settings)
-    stop = {"n": 0}
-
-    def interrupt(*a, **k):  # the second epoch's checkpoint is never written
-        stop["n"] += 1
-        if stop["n"] == 2:
-            raise Stop
-        return save(*a, **k)
-
-    save, checkpoint.save = checkpoint.save, interrupt
-    try:
-        with pytest.raises(Stop):
-            fflab.train(PRESET, tmp_path / "b", data=data, settings=settings)
-    finally:
-        checkpoint.save = save
+    with stop_at_second_checkpoint():
+        fflab.train(PRESET, tmp_path / "b", data=data, settings=settings)
     resumed = fflab.train(PRESET, tmp_path / "b", data=data, settings=settings, resume=True)
     a = fflab.load_run(tmp_path / "a").state_dict()
     b = fflab.load_run(tmp_path / "b").state_dict()
