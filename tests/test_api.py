@@ -121,3 +121,30 @@ def test_from_arrays_keeps_values_and_takes_tensors():
     assert ds.num_classes == 3 and ds.validation is None
     with pytest.raises(ValueError, match="image_shape"):
         fflab.from_arrays(x, [0, 1, 2], x, [0, 1, 2], image_shape=(3, 3))
+
+
+def test_tensorboard_scalars_equal_the_metrics_and_survive_resume(tmp_path, digits, one_thread):
+    """Also when the event log is lost: the resumed run rebuilds it from metrics.jsonl."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    settings = {**SMALL, "train": {"epochs": 3}}
+    part = tmp_path / "part"
+    with stop_at_second_checkpoint():
+        fflab.train("mnist-ff-quick", part, data=digits, settings=settings, tensorboard=True)
+    shutil.rmtree(part / "tensorboard")
+    fflab.train("mnist-ff-quick", part, data=digits, resume=True, tensorboard=True)
+    rows = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
+    acc = EventAccumulator(str(part / "tensorboard"))
+    acc.Reload()
+    tags = {
+        "loss": "loss/total",
+        "goodness_pos_1": "goodness/layer1/positive",
+        "dead_0": "units/dead_layer0",
+        "samples_per_second": "speed/samples_per_second",
+    }
+    for key, tag in tags.items():
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == [1, 2, 3], tag
+        assert [e.value for e in events] == pytest.approx([r[key] for r in rows], rel=1e-6), tag

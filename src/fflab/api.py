@@ -72,6 +72,7 @@ def train(
     resume: bool = False,
     data_dir: str | None = None,
     progress: bool = False,
+    tensorboard: bool = False,
 ) -> dict[str, Any]:
     """Train ``preset`` into the run directory ``out_dir`` and return its summary.
 
@@ -94,6 +95,9 @@ def train(
         progress bars.
     resume : bool
         Continue the run in ``out_dir`` from its last checkpoint.
+    tensorboard : bool
+        Also write every epoch's metrics as TensorBoard scalars into ``out_dir/tensorboard``
+        (needs the ``tensorboard`` extra).
     """
     dev = runs.resolve_device(device)
     ds = None if data is None else _datasets(data)
@@ -106,13 +110,20 @@ def train(
             resume=True,
             progress=progress,
             datasets=ds,
+            tensorboard=tensorboard,
         )
     over = {k: dict(v) for k, v in (settings or {}).items()}
     if ds is not None:
         over = _array_settings(preset, ds, over)
     config = resolve(preset, over, seed)
     return runs.train(
-        config, Path(out_dir), device=dev, data_dir=data_dir, progress=progress, datasets=ds
+        config,
+        Path(out_dir),
+        device=dev,
+        data_dir=data_dir,
+        progress=progress,
+        datasets=ds,
+        tensorboard=tensorboard,
     )
 
 

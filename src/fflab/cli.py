@@ -49,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, help="run directory (default runs/PRESET-TIME)")
     t.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run")
     t.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write per-epoch metrics for TensorBoard into RUN_DIR/tensorboard",
+    )
+    t.add_argument(
         "--dist-timeout",
         type=float,
         default=300.0,
@@ -145,6 +150,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         log=log,
         dist_timeout=args.dist_timeout,
+        tensorboard=args.tensorboard,
     )
     if summary.get("rank", 0) != 0:  # a data-parallel run: rank 0 reports
         return 0

@@ -266,8 +266,12 @@ def train(
     log: Callable[[str], None] = lambda s: None,
     datasets: data.Datasets | None = None,
     dist_timeout: float = distributed.DEFAULT_TIMEOUT,
+    tensorboard: bool = False,
 ) -> dict[str, Any]:
     """Train (or, with ``resume``, continue) the run in ``out_dir``; return its summary.
+
+    ``tensorboard``: also write every epoch's metrics as TensorBoard scalars into
+    ``out_dir/tensorboard`` (:mod:`fflab.tensorboard`).
 
     ``datasets``: in-memory data (:func:`fflab.data.from_arrays`) for a config whose
     ``data.dataset`` is ``arrays``; a resumed run must get the same data again (checked by
@@ -286,11 +290,16 @@ def train(
     except distributed.DistributedError as e:
         raise RunError(str(e)) from None
     if comm is None:
-        return _train(config, out_dir, device, data_dir, resume, progress, log, datasets, None)
+        return _train(
+            config, out_dir, device, data_dir, resume, progress, log, datasets, None, tensorboard
+        )
     if not comm.lead:
         progress, log = False, lambda s: None
     try:
-        return _train(config, out_dir, comm.device, data_dir, resume, progress, log, datasets, comm)
+        return _train(
+            config, out_dir, comm.device, data_dir, resume, progress, log, datasets, comm,
+            tensorboard,
+        )  # fmt: skip
     except distributed.DistributedError as e:
         raise RunError(
             f"{e}; the run stopped. The last checkpoint in {out_dir} is intact: continue with "
@@ -336,6 +345,7 @@ def _train(
     log: Callable[[str], None],
     datasets: data.Datasets | None,
     comm: distributed.Comm | None,
+    tensorboard: bool = False,
 ) -> dict[str, Any]:
     ckpt_path = out_dir / CHECKPOINT
     lead = comm is None or comm.lead
@@ -396,6 +406,14 @@ def _train(
         )
     if comm is not None:
         log(f"data-parallel: {comm.world_size} processes, {comm.device.type}")
+    board = None
+    if tensorboard and lead:
+        from fflab.tensorboard import ScalarLog
+
+        try:
+            board = ScalarLog(out_dir, history=metrics)
+        except RuntimeError as e:
+            raise ConfigError(str(e)) from None
 
     for epoch in range(start_epoch, exp.epochs):
         t0 = time.perf_counter()
@@ -423,6 +441,8 @@ def _train(
         checkpoint.save(ckpt_path, tensors, meta)
         with open(out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(m) + "\n")
+        if board is not None:
+            board.epoch(m)
         shown = {
             k: v
             for k, v in m.items()
@@ -434,6 +454,8 @@ def _train(
             )
         )
 
+    if board is not None:
+        board.close()
     if not lead:
         return {"rank": comm.rank, "world_size": comm.world_size}
     t0 = time.perf_counter()
