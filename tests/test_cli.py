@@ -24,6 +24,11 @@ def train_smoke(out, data_dir, *extra):
     return fflab("train", "--preset", "smoke", "--out", out, "--data-dir", data_dir, *extra)
 
 
+def train_digits(out, *extra):
+    """``fflab train --preset digits-ff`` into ``out``: scikit-learn's digits, no download."""
+    return fflab("train", "--preset", "digits-ff", "--out", out, *extra)
+
+
 def one_line_error(err):
     lines = [x for x in err.splitlines() if x.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err
@@ -58,8 +63,8 @@ def test_usage_errors_exit_2(tmp_path, args, needle):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
-def test_cuda_without_gpu_is_a_usage_error(tmp_path, mnist_dir):
-    code, _, err = train_smoke(tmp_path / "r", mnist_dir, "--device", "cuda")
+def test_cuda_without_gpu_is_a_usage_error(tmp_path):
+    code, _, err = train_digits(tmp_path / "r", "--device", "cuda")
     assert code == 2 and "no CUDA GPU" in one_line_error(err)
     assert not (tmp_path / "r").exists()
 
@@ -76,40 +81,79 @@ def test_missing_data_is_a_runtime_error(tmp_path, monkeypatch):
     assert not list((tmp_path / "cache").rglob("*.part"))
 
 
-def test_train_eval_and_resume_refusals(tmp_path, mnist_dir):
+def test_train_eval_and_resume_refusals(tmp_path):
     out = tmp_path / "r"
-    code, stdout, err = train_smoke(out, mnist_dir, "--epochs", "1")
+    code, stdout, err = train_digits(out, "--epochs", "3")
     assert code == 0, err
     assert "test_error_goodness" in stdout and "test_error_softmax" in stdout
     summary = json.loads((out / "summary.json").read_text())
-    code, stdout, err = fflab("eval", out, "--data-dir", mnist_dir, "--quiet")
+    assert summary["test_error_goodness"] < 50.0  # 3 epochs on digits; chance is 90%
+    code, stdout, err = fflab("eval", out, "--quiet")
     assert code == 0, err
     assert f"{summary['test_error_goodness']:.4f}" in stdout
-    code, _, err = train_smoke(out, mnist_dir)
+    code, _, err = train_digits(out)
     assert code == 1 and "already holds a run" in one_line_error(err)
-    code, _, err = fflab("train", "--resume", out, "--preset", "smoke")
+    code, _, err = fflab("train", "--resume", out, "--preset", "digits-ff")
     assert code == 2 and "--resume takes the run's own config" in one_line_error(err)
     code, _, err = fflab("eval", tmp_path / "nowhere")
     assert code == 1 and "not a run directory" in one_line_error(err)
 
 
-def test_corrupt_checkpoint_is_a_runtime_error(tmp_path, mnist_dir):
+def test_interrupted_cli_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """A run stopped by SIGINT after its first checkpoint continues with --resume and ends
+    with the weights of a run that was never stopped."""
+    import signal
+    import time
+
+    from run_helpers import assert_same_checkpoints
+
+    full = tmp_path / "full"
+    assert train_digits(full, "--epochs", "4", "--quiet")[0] == 0
+    part = tmp_path / "part"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fflab", "train", "--preset", "digits-ff", "--out", str(part),
+         "--epochs", "4", "--quiet"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while not (part / "checkpoint.safetensors").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the interrupt arrived")
+    assert proc.returncode == 130 and "train --resume" in one_line_error(err)
+    code, _, err = fflab("train", "--resume", part, "--quiet")
+    assert code == 0, err
+    assert_same_checkpoints(full, part)
+
+
+def test_corrupt_checkpoint_is_a_runtime_error(tmp_path):
     out = tmp_path / "r"
-    assert train_smoke(out, mnist_dir, "--epochs", "1", "--quiet")[0] == 0
+    assert train_digits(out, "--epochs", "1", "--quiet")[0] == 0
     (out / "checkpoint.safetensors").write_bytes(b"\0" * 100)
-    code, _, err = fflab("eval", out, "--data-dir", mnist_dir)
+    code, _, err = fflab("eval", out)
     assert code == 1 and "unreadable" in one_line_error(err)
 
 
-def test_diverging_run_exits_1_and_keeps_checkpoint(tmp_path, mnist_dir):
+def test_diverging_run_exits_1_and_keeps_checkpoint(tmp_path):
     out = tmp_path / "r"
-    code, _, err = train_smoke(
-        out, mnist_dir, "--set", "train.lr=1e30", "--set", "train.lr_schedule=constant", "--quiet"
+    code, _, err = train_digits(
+        out, "--set", "train.lr=1e30", "--set", "train.lr_schedule=constant", "--quiet"
     )
     assert code == 1 and "diverged in epoch 1" in one_line_error(err)
     assert not (out / "checkpoint.safetensors").exists()  # no epoch completed: nothing to keep
     assert not (out / "summary.json").exists()
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def test_smoke_preset_on_mnist(tmp_path, mnist_dir):
+    """The MNIST plumbing: the smoke preset trains and evaluates from the IDX files."""
+    out = tmp_path / "r"
+    code, stdout, err = train_smoke(out, mnist_dir, "--quiet")
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_error_softmax"] < 50.0  # measured 37%; chance is 90%
 
 
 def _fake_run(d, preset, rows):

@@ -146,3 +146,21 @@ def test_binarize():
     b = data.binarize(xs, "sample", g)
     assert set(b.unique().tolist()) <= {0.0, 1.0}
     assert abs(b.mean().item() - 0.3) < 5 * (0.3 * 0.7 / 20000) ** 0.5
+
+
+def test_digits_dataset_needs_no_download_and_is_split_once():
+    from sklearn.datasets import load_digits as sk
+
+    from fflab import data
+
+    ds = data.load("digits")
+    assert ds.train.x.shape == (1437, 64) and ds.test.x.shape == (360, 64)
+    assert ds.image_shape == (8, 8) and ds.num_classes == 10
+    assert float(ds.train.x.min()) == 0.0 and float(ds.train.x.max()) == 1.0
+    # every image exactly once across the two splits, the same split on every call
+    raw = torch.from_numpy(sk().data / 16.0).float()
+    both = torch.cat([ds.train.x, ds.test.x])
+    assert torch.equal(both.sum(0), raw.sum(0))
+    assert torch.equal(data.load("digits").test.x, ds.test.x)
+    val = data.load("digits", validation=True)
+    assert len(val.train) == 1150 and torch.equal(val.validation.x, ds.train.x[-287:])

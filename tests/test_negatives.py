@@ -57,3 +57,13 @@ def test_hybrid_images_mix_two_images_with_blurred_mask():
     other = torch.stack([torch.isclose(h, torch.roll(x, s, 0)) for s in range(1, 5)])
     assert bool((same_a | other.any(0)).all())
     assert 0.1 < same_a.float().mean() < 0.9
+
+
+def test_hard_labels_survive_non_finite_probabilities():
+    """A diverging head gives NaN or inf probabilities: still wrong labels, no error."""
+    from fflab.negatives import hard_wrong_labels
+
+    probs = torch.tensor([[float("nan")] * 4, [float("inf"), 0.0, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4]])
+    y = torch.tensor([0, 1, 3])
+    got = hard_wrong_labels(y, probs, torch.Generator().manual_seed(0))
+    assert got.shape == (3,) and bool((got != y).all()) and bool(((got >= 0) & (got < 4)).all())

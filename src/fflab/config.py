@@ -24,7 +24,8 @@ class ConfigError(ValueError):
 class DataConfig:
     """Which data a run sees."""
 
-    # mnist | fashion-mnist | arrays (data handed over in memory: fflab.train(..., data=...))
+    # mnist | fashion-mnist | digits (scikit-learn's 8 x 8 digits, no download) | arrays
+    # (data handed over in memory: fflab.train(..., data=...))
     dataset: str = "mnist"
     validation: bool = False  # hold out the last 10,000 training images
     train_subset: int = 0  # use only the first N training images (0: all)

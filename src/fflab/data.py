@@ -259,9 +259,18 @@ def load(
     validation: bool = False,
     allow_download: bool = True,
 ) -> Datasets:
-    """Load a dataset. With ``validation``, the last 10,000 training images are held out."""
+    """Load a dataset. With ``validation``, the last 10,000 training images are held out
+    (for ``digits``, the last 287).
+
+    ``digits`` is scikit-learn's 8 x 8 digits (1,797 images, shipped with scikit-learn, no
+    download): pixels scaled to [0, 1], split once by a fixed permutation (seed 0) into 1,437
+    training and 360 test images.
+    """
+    if name == DIGITS:
+        return load_digits(validation)
     if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        known = ", ".join([*DATASETS, DIGITS])
+        raise DataError(f"unknown dataset {name!r}; choose one of {known}")
     spec = DATASETS[name]
     arrays = [read_idx(locate(spec, f, data_dir, allow_download), f) for f in spec.files]
     xtr, ytr, xte, yte = arrays
@@ -279,6 +288,28 @@ def load(
 
 
 ARRAYS = "arrays"  # DataConfig.dataset of a run on data handed over in memory
+DIGITS = "digits"  # scikit-learn's 8 x 8 digits: no download
+
+
+def load_digits(validation: bool = False) -> Datasets:
+    """scikit-learn's digits as :class:`Datasets` (see :func:`load`)."""
+    try:
+        from sklearn.datasets import load_digits as sk_digits
+    except ImportError:
+        raise DataError(
+            "the digits dataset comes with scikit-learn: pip install scikit-learn"
+        ) from None
+    d = sk_digits()
+    x = torch.from_numpy((d.data / 16.0).astype(np.float32))
+    y = torch.from_numpy(d.target.astype(np.int64))
+    order = torch.from_numpy(np.random.default_rng(0).permutation(len(y)))
+    x, y = x[order], y[order]
+    train, test = Split(x[:1437], y[:1437]), Split(x[1437:], y[1437:])
+    val = None
+    if validation:
+        val = Split(train.x[-287:], train.y[-287:])
+        train = Split(train.x[:-287], train.y[:-287])
+    return Datasets(train, test, val, (8, 8), 10)
 
 
 def _as_images(x: Any, name: str) -> Tensor:

@@ -83,9 +83,11 @@ def hard_wrong_labels(
 
     The true class gets probability 0 and the others are renormalized, so label ``c != y`` is
     drawn with probability ``p_c / sum_{k != y} p_k``. A small ``floor`` keeps every wrong
-    class reachable when the classifier is (numerically) certain.
+    class reachable when the classifier is (numerically) certain. Non-finite probabilities
+    (a diverging head) count as 1, so a diverging run reaches the run loop's divergence check
+    instead of failing here.
     """
-    w = probs.float().clamp_min(floor)  # a new tensor: probs is left as it is
+    w = torch.nan_to_num(probs.float(), nan=1.0, posinf=1.0, neginf=0.0).clamp_min_(floor)
     w.scatter_(1, labels.unsqueeze(1), 0.0)
     return torch.multinomial(w, 1, generator=generator).squeeze(1)
 

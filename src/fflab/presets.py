@@ -145,10 +145,24 @@ PRESETS: dict[str, Preset] = {
             {"model": {**_NEUTRAL, "hidden": [1000] * 3}, "train": {"epochs": 20}},
         ),
         Preset(
+            "digits-ff",
+            "ff",
+            "supervised FF on scikit-learn's 8 x 8 digits (no download): 2 x 300, 30 epochs, "
+            "the label concatenated to the image, every layer's goodness scored",
+            "fflab, 2-core CPU: 3.61, 3.06, 2.78% test error (goodness, seeds 0-2, 360 test "
+            "images) after 2.5 s of training, about 10 s with start-up",
+            {
+                "data": {"dataset": "digits"},
+                "model": {"in_features": 64, "hidden": [300, 300], "score_from": 0},
+                "train": {**_HINTON, "epochs": 30},
+            },
+        ),
+        Preset(
             "smoke",
             "ff",
             "a seconds-long FF run for tests: 2 x 100 on 2,000 MNIST images, 2 epochs",
-            "roughly 20-35% test error; it checks the plumbing, not the algorithm",
+            "76% test error by goodness scoring and 37% by the softmax head (seed 0): it checks "
+            "the plumbing, not the algorithm",
             {
                 "data": {"train_subset": 2000},
                 "model": {**_OVERLAY, "hidden": [100, 100]},
