@@ -29,6 +29,7 @@ class DataConfig:
     dataset: str = "mnist"
     validation: bool = False  # hold out the last 10,000 training images
     train_subset: int = 0  # use only the first N training images (0: all)
+    test_subset: int = 0  # evaluate on the first N test images only (0: all; for quick checks)
     binarize: str = "none"  # none | sample (Bernoulli, once, fixed seed) | threshold (at 0.5)
     binarize_seed: int = 0
     eval_batch_size: int = 1000
@@ -40,8 +41,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.binarize not in ("none", "sample", "threshold"):
             raise ValueError(f"binarize must be none, sample or threshold, got {self.binarize!r}")
-        if self.train_subset < 0 or self.eval_batch_size < 1 or self.eval_every < 1:
-            raise ValueError("train_subset must be >= 0, eval_batch_size and eval_every >= 1")
+        if self.train_subset < 0 or self.test_subset < 0:
+            raise ValueError("train_subset and test_subset must be >= 0")
+        if self.eval_batch_size < 1 or self.eval_every < 1:
+            raise ValueError("eval_batch_size and eval_every must be >= 1")
 
 
 @dataclass(frozen=True)

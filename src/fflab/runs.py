@@ -156,10 +156,11 @@ def prepare_data(
         raise ConfigError(f"data.dataset={dc.dataset} reads files; in-memory data needs arrays")
     else:
         ds = data.load(dc.dataset, data_dir, validation=dc.validation)
-    if dc.train_subset:
+    if dc.train_subset or dc.test_subset:
+        tr, te = dc.train_subset or len(ds.train), dc.test_subset or len(ds.test)
         ds = data.Datasets(
-            data.Split(ds.train.x[: dc.train_subset], ds.train.y[: dc.train_subset]),
-            ds.test,
+            data.Split(ds.train.x[:tr], ds.train.y[:tr]),
+            data.Split(ds.test.x[:te], ds.test.y[:te]),
             ds.validation,
             ds.image_shape,
             ds.num_classes,
