@@ -279,6 +279,7 @@ def test_cli_under_a_launcher_needs_out(monkeypatch, capsys):
     assert capsys.readouterr().err == "fflab: error: a run under torchrun needs --out RUN_DIR\n"
 
 
+@pytest.mark.slow
 def test_torchrun_trains_the_smoke_preset(mnist_dir, tmp_path):
     """``torchrun -m fflab train`` on 2 processes (float32, MNIST): rank 0 alone prints and
     writes, and the weights are those of ``python -m fflab train`` in one process up to

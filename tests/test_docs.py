@@ -96,6 +96,7 @@ def to_argv(cmd: str, mnist: str, cwd: Path) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,commands", SHELL_CASES, ids=[n for n, _ in SHELL_CASES])
 def test_docs_shell_commands_run(name, commands, tmp_path, mnist_dir):
     # a user's data folder, as fflab looks it up (FFLAB_DATA) for commands without --data-dir

@@ -224,6 +224,7 @@ def test_recurrent_resume_is_bit_exact(tmp_path, one_thread):
     assert [json.loads(m)["epoch"] for m in lines] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_cli_trains_evaluates_and_draws_a_recurrent_run(tmp_path, mnist_dir):
     """``fflab train`` and ``fflab eval`` on 6,000 MNIST images, 2 x 200, 4 epochs.
 

@@ -136,6 +136,7 @@ def test_unsupervised_resume_equals_uninterrupted(tmp_path, mnist_dir, settings)
     assert a["test_error_probe"] == b["test_error_probe"]
 
 
+@pytest.mark.slow
 def test_short_unsupervised_mnist_run_reaches_bar(tmp_path, mnist_dir):
     """2 x 500 unsupervised FF, one epoch of full MNIST, 5-epoch probe on both layers.
 

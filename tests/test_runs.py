@@ -173,6 +173,7 @@ def test_every_preset_resolves():
         assert presets.from_dict(json.loads(c.to_json())) == c
 
 
+@pytest.mark.slow
 def test_short_real_mnist_run_reaches_bar(tmp_path, mnist_dir):
     """2 x 500 FF, one epoch of full MNIST with hard negatives: test error below 12%.
 
