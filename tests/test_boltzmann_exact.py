@@ -83,7 +83,7 @@ def test_rbm_exact_gradient_equals_autograd_of_brute_force_log_likelihood(shape)
     for name, g in zip(["W", "b_v", "b_h"], auto, strict=True):
         torch.testing.assert_close(ours[name], g, rtol=0, atol=1e-10)
     # and the library's own log-probability is differentiable to the same gradient
-    auto2 = torch.autograd.grad(exact_log_prob(rbm, data).mean(), [rbm.W])[0]
+    auto2 = torch.autograd.grad(exact_log_prob(rbm, data, grad=True).mean(), [rbm.W])[0]
     torch.testing.assert_close(ours["W"], auto2, rtol=0, atol=1e-10)
 
 
@@ -123,3 +123,24 @@ def test_bad_data_raises():
         exact_gradient(rbm, torch.full((2, 4), 2.0, dtype=torch.float64))
     with pytest.raises(ValueError, match="RBM or a BoltzmannMachine"):
         exact_log_z(torch.nn.Linear(2, 2))
+
+
+def test_evaluation_gives_plain_values_and_takes_numpy():
+    """float() of an exact value needs no detach; numpy 0/1 rows (any dtype) are accepted."""
+    import warnings
+
+    import numpy as np
+
+    rbm = RBM(6, 4, generator=torch.Generator().manual_seed(0))  # float32 parameters
+    v = np.random.default_rng(0).integers(0, 2, (5, 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        z = float(exact_log_z(rbm))
+        lp = exact_log_prob(rbm, v)
+    assert not lp.requires_grad and lp.dtype == torch.float64
+    torch.testing.assert_close(lp, exact_log_prob(rbm, torch.from_numpy(v).double()))
+    assert z == pytest.approx(float(exact_log_z(rbm, grad=True).detach()))
+    # the model's own methods take numpy and float64 data for a float32 model
+    fe = rbm.free_energy(v.astype(np.float64))
+    assert fe.dtype == torch.float32
+    torch.testing.assert_close(fe, rbm.free_energy(torch.from_numpy(v).float()))

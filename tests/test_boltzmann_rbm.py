@@ -273,8 +273,12 @@ def test_bad_input_raises():
         rbm.cd_gradient(torch.zeros(2, 4), generator=0)
     with pytest.raises(ValueError, match="k must be"):
         rbm.cd_gradient(torch.zeros(2, 4), k=0, generator=g)
-    with pytest.raises(ValueError, match="floating-point"):
-        rbm.free_energy(torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="torch.Tensor"):
+        rbm.free_energy("0101")
+    # integer 0/1 data is taken as the model's floats
+    torch.testing.assert_close(
+        rbm.free_energy(torch.zeros(2, 4, dtype=torch.long)), rbm.free_energy(torch.zeros(2, 4))
+    )
     with pytest.raises(ValueError, match=r"shape \(\.\.\., 3\)"):
         rbm.visible_probs(torch.zeros(2, 4))
     with pytest.raises(ValueError, match="lr"):

@@ -6,6 +6,27 @@ import torch
 from torch import Tensor
 
 
+def as_input(x, like: Tensor) -> Tensor:
+    """Data as a tensor of the model's dtype and device: numpy arrays and lists are taken as
+    they are (integers and booleans too), float64 data for a float32 model is cast.
+
+    Anything else is left for the shape and dtype checks to reject with their messages.
+    """
+    if isinstance(x, Tensor):
+        if x.dtype != like.dtype or x.device != like.device:
+            return x.to(like.device, like.dtype)
+        return x
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy comes with torch's wheels
+        return x
+    if isinstance(x, np.ndarray | list | tuple):
+        arr = np.asarray(x)
+        if arr.dtype.kind in "biuf":
+            return torch.from_numpy(np.ascontiguousarray(arr)).to(like.device, like.dtype)
+    return x
+
+
 def check_units(n: int, name: str) -> int:
     """Return ``n`` if it is a positive int, else raise ValueError."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_batch, check_binary
+from ._checks import as_input, check_batch, check_binary
 from .bm import BoltzmannMachine, pairwise_statistics
 from .rbm import RBM
 
@@ -103,10 +103,15 @@ def _log_z(model, p: dict[str, Tensor]) -> Tensor:
     return torch.logsumexp(torch.stack(parts), 0)
 
 
-def exact_log_z(model: RBM | BoltzmannMachine) -> Tensor:
-    """log Z of a small RBM or Boltzmann machine, a float64 scalar (differentiable)."""
+def exact_log_z(model: RBM | BoltzmannMachine, *, grad: bool = False) -> Tensor:
+    """log Z of a small RBM or Boltzmann machine, a float64 scalar.
+
+    With ``grad`` the result keeps its autograd graph (for exact gradients by autograd);
+    without, it is a plain value (``float(exact_log_z(rbm))`` as it is).
+    """
     _check_model(model)
-    return _log_z(model, _params64(model))
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        return _log_z(model, _params64(model))
 
 
 def _bm_log_sum_hidden(v: Tensor, p: dict[str, Tensor], n_hidden: int) -> Tensor:
@@ -121,21 +126,30 @@ def _bm_log_sum_hidden(v: Tensor, p: dict[str, Tensor], n_hidden: int) -> Tensor
 
 
 def _check_data(model, v: Tensor) -> Tensor:
+    v = as_input(v, torch.empty((), dtype=torch.float64, device=_device(model)))
     check_batch(v, model.n_visible, "v")
     check_binary(v, "v")
     return v.double()
 
 
-def exact_log_prob(model: RBM | BoltzmannMachine, v: Tensor) -> Tensor:
-    """Exact log p(v) of each binary row of v (B, V) -> (B,) float64 (differentiable)."""
+def exact_log_prob(model: RBM | BoltzmannMachine, v, *, grad: bool = False) -> Tensor:
+    """Exact log p(v) of each binary row of v (B, V) -> (B,) float64.
+
+    ``v``: a tensor or numpy array of 0/1 values. ``grad`` as in :func:`exact_log_z`.
+    """
     _check_model(model)
     v = _check_data(model, v)
-    p = _params64(model)
-    log_z = _log_z(model, p)
-    if isinstance(model, RBM):
-        neg_free_energy = v @ p["b_v"] + F.softplus(torch.addmm(p["b_h"], v, p["W"])).sum(-1)
-        return neg_free_energy - log_z
-    return _bm_log_sum_hidden(v, p, model.n_hidden) - log_z
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        p = _params64(model)
+        log_z = _log_z(model, p)
+        if isinstance(model, RBM):
+            b_h = torch.addmm(p["b_h"], v, p["W"])
+            return v @ p["b_v"] + F.softplus(b_h).sum(-1) - log_z
+        return _bm_log_sum_hidden(v, p, model.n_hidden) - log_z
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.no_grad()

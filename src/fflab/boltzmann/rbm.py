@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import (
+    as_input,
     bernoulli,
     check_batch,
     check_generator,
@@ -279,29 +280,36 @@ class RBM(nn.Module):
 
     def free_energy(self, v: Tensor) -> Tensor:
         """F(v).  v: (..., V) -> (...,)."""
-        return free_energy(check_last_dim(v, self.n_visible, "v"), self.W, self.b_v, self.b_h)
+        return free_energy(
+            check_last_dim(as_input(v, self.W), self.n_visible, "v"), self.W, self.b_v, self.b_h
+        )
 
     def hidden_probs(self, v: Tensor) -> Tensor:
         """p(h = 1 | v).  v: (..., V) -> (..., H)."""
-        return hidden_probs(check_last_dim(v, self.n_visible, "v"), self.W, self.b_h)
+        return hidden_probs(
+            check_last_dim(as_input(v, self.W), self.n_visible, "v"), self.W, self.b_h
+        )
 
     def visible_probs(self, h: Tensor) -> Tensor:
         """p(v = 1 | h).  h: (..., H) -> (..., V)."""
-        return visible_probs(check_last_dim(h, self.n_hidden, "h"), self.W, self.b_v)
+        return visible_probs(
+            check_last_dim(as_input(h, self.W), self.n_hidden, "h"), self.W, self.b_v
+        )
 
     def sample_hidden(self, v: Tensor, *, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         check_generator(generator)
-        check_last_dim(v, self.n_visible, "v")
+        v = check_last_dim(as_input(v, self.W), self.n_visible, "v")
         return sample_hidden(v, self.W, self.b_h, generator=generator)
 
     def sample_visible(self, h: Tensor, *, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         check_generator(generator)
-        check_last_dim(h, self.n_hidden, "h")
+        h = check_last_dim(as_input(h, self.W), self.n_hidden, "h")
         return sample_visible(h, self.W, self.b_v, generator=generator)
 
     @torch.no_grad()
     def gibbs(self, v: Tensor, n_steps: int, *, generator: torch.Generator) -> Tensor:
         """Run ``n_steps`` block Gibbs steps from v (B, V); return the final visible sample."""
+        v = as_input(v, self.W)
         check_batch(v, self.n_visible, "v")
         check_generator(generator)
         if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 0:
@@ -313,6 +321,7 @@ class RBM(nn.Module):
     @torch.no_grad()
     def init_visible_bias_from(self, data: Tensor, eps: float = 1e-2) -> None:
         """Set b_v = log(p / (1 - p)) from the data's per-pixel means (practical guide)."""
+        data = as_input(data, self.W)
         check_batch(data, self.n_visible, "data")
         self.b_v.copy_(logit_of_mean(data, eps).to(self.b_v))
 
@@ -330,6 +339,7 @@ class RBM(nn.Module):
     @torch.no_grad()
     def cd_gradient(self, v_data: Tensor, *, k: int = 1, generator: torch.Generator) -> CDResult:
         """CD-k estimate of the mean log-likelihood gradient for the batch v_data (B, V)."""
+        v_data = as_input(v_data, self.W)
         check_batch(v_data, self.n_visible, "v_data")
         check_unit_interval(v_data, "v_data")
         return cd_gradient(v_data, self.W, self.b_v, self.b_h, k=k, generator=generator)
@@ -348,6 +358,7 @@ class RBM(nn.Module):
         The chains are (re)started from random states when none exist yet or when
         ``n_chains`` (default: the batch size at first use) differs from their number.
         """
+        v_data = as_input(v_data, self.W)
         check_batch(v_data, self.n_visible, "v_data")
         check_unit_interval(v_data, "v_data")
         check_generator(generator)
