@@ -100,9 +100,10 @@ def to_argv(cmd: str, mnist: str, cwd: Path) -> list[str]:
 @pytest.mark.parametrize("name,commands", SHELL_CASES, ids=[n for n, _ in SHELL_CASES])
 def test_docs_shell_commands_run(name, commands, tmp_path, mnist_dir):
     # a user's data folder, as fflab looks it up (FFLAB_DATA) for commands without --data-dir
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FFLAB_DATA": str(mnist_dir)}
+    mnist = str(Path(mnist_dir).resolve())  # the commands run in tmp_path
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FFLAB_DATA": mnist}
     for cmd in filter(runnable, commands):
-        argv = to_argv(cmd, str(mnist_dir), tmp_path)
+        argv = to_argv(cmd, mnist, tmp_path)
         for w in argv:  # a documented output folder under a path of this repository
             if w.endswith(".png") and "/" in w:
                 (tmp_path / w).parent.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,7 @@ class DataConfig:
         if self.train_subset < 0 or self.test_subset < 0:
             raise ValueError("train_subset and test_subset must be >= 0")
         if self.eval_batch_size < 1 or self.eval_every < 1:
-            raise ValueError("eval_batch_size and eval_every must be >= 1")
+            raise ValueError("need eval_batch_size >= 1 and eval_every >= 1")
 
 
 @dataclass(frozen=True)
