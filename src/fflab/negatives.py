@@ -224,3 +224,84 @@ class HybridImages(NegativeSource):
     def draw(self, x, y, generator, probs=None) -> NegativeBatch:
         hyb = hybrid_images(x, self.image_shape, generator, self.blurs, y, self.different_class)
         return NegativeBatch(hyb, None)
+
+
+# -- other unlabelled negatives (the negatives study) -------------------------------------------
+def permuted_pixels(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Each image's pixels under its own uniformly random permutation: x (B, D) -> (B, D).
+
+    Row ``i`` of the result is ``x[i, perm_i]`` with ``perm_i`` drawn afresh for every image
+    (the ranks of D uniform draws, a uniform permutation). An image keeps its pixel values
+    (its histogram, its amount of ink and its norm) and loses every spatial relation.
+    """
+    b, d = x.shape
+    perm = torch.rand((b, d), generator=generator, device=generator.device).argsort(1)
+    return x.gather(1, perm.to(x.device))
+
+
+def other_images(
+    x: Tensor,
+    generator: torch.Generator,
+    y: Tensor | None = None,
+    different_class: bool = False,
+) -> Tensor:
+    """For each image, another real image of the batch, unchanged: x (B, D) -> (B, D).
+
+    The partner is drawn as in :func:`hybrid_images` (uniform over the other images, or over
+    those of another class when ``different_class``; labels ``y`` (B,) are then needed).
+    """
+    if different_class and y is None:
+        raise ValueError("different_class needs the labels y")
+    ref = y if y is not None else torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    return x.index_select(0, partners(ref, generator, different_class).to(x.device))
+
+
+@register
+class PermutedImages(NegativeSource):
+    """Real images with their pixels shuffled, a fresh permutation per image.
+
+    Fresh per image rather than one fixed per run: a fixed permutation ``P`` makes the
+    negatives one more structured data set (``P x`` has the digits' correlations, moved to
+    other pixels), whereas a fresh one leaves no spatial structure at all, only each image's
+    pixel values; it also needs no state beyond the generator, so a resumed run draws the same
+    negatives. The negatives have the positives' norms but not their per-pixel means (ink
+    spread evenly over the frame), so even a linear feature tells them apart: an easy
+    negative. ``image_shape`` and ``blurs`` are accepted because the trainer passes them to
+    every unlabelled source; they are not used.
+    """
+
+    name, labelled = "permuted", False
+
+    def __init__(
+        self, image_shape: tuple[int, int] = (), blurs: int = 0, different_class: bool = False
+    ) -> None:
+        if different_class:
+            raise ValueError("permuted negatives have no second image (different_class)")
+        self.image_shape = image_shape
+
+    def draw(self, x, y, generator, probs=None) -> NegativeBatch:
+        return NegativeBatch(permuted_pixels(x, generator), None)
+
+
+@register
+class UnmaskedImages(NegativeSource):
+    """Another real image of the batch as it is: a hybrid whose mask is all zeros.
+
+    Degenerate on purpose: with ``different_class`` False the negatives come from the same
+    distribution as the positives, so no feature of an image can tell the two phases apart.
+    The expected FF loss of an image is then ``softplus(-l) + softplus(l)`` with ``l = G -
+    theta``, least at ``G = theta``: the loss asks every real image for goodness theta and
+    nothing else (a scale, not a feature). With ``different_class`` (uses labels) the pair
+    differs in class, but each row alone is still a real image.
+    ``image_shape`` and ``blurs`` are accepted as for every unlabelled source; not used.
+    """
+
+    name, labelled = "unmasked", False
+
+    def __init__(
+        self, image_shape: tuple[int, int] = (), blurs: int = 0, different_class: bool = False
+    ) -> None:
+        self.image_shape, self.different_class = image_shape, different_class
+
+    def draw(self, x, y, generator, probs=None) -> NegativeBatch:
+        return NegativeBatch(other_images(x, generator, y, self.different_class), None)

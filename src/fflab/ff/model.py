@@ -8,18 +8,24 @@ shared by every label written over it (positive, negative, neutral, and all C ca
 inference). :meth:`FFNet.first_layer` does this; :meth:`FFNet.activities` is the plain
 reference path (embed label, normalize, multiply) that the tests compare it with. An
 unsupervised net (``label_mode="none"``) takes the image alone.
+
+Optional *boxes* (``FFNet(..., between=[...])``, one per gap between consecutive hidden
+layers, see :mod:`fflab.ff.boxes`) map a layer's activities to the next layer's input before
+its normalization, in every forward path here and in the reference trainer; they need no
+gradient, since none crosses a layer.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from fflab.ff.boxes import as_box
 from fflab.ff.functional import (
     GOODNESS_KINDS,
     RMS_EPS,
@@ -187,12 +193,33 @@ class FFNet(nn.Module):
     (trained alongside, on a neutral-label pass) or the linear probe of an unsupervised one
     (trained after, on frozen features). The peer normalization running means are registered
     buffers, so they move with ``.to(device)`` and are saved in checkpoints.
+
+    ``between`` (optional): one box per gap between consecutive hidden layers (``L - 1`` of
+    them; ``None`` in a gap is the identity), each a module or a function (N, H_l) -> (N, H_l)
+    applied to layer ``l``'s activities before layer ``l + 1`` normalizes them. Goodness, peer
+    normalization and the head read each layer's own activities. Boxes are not part of
+    :class:`FFNetConfig`, so a run built from a config has none; the fast
+    :class:`~fflab.ff.train.FFTrainer` computes its own passes and must not be given a net
+    with boxes (:meth:`require_no_boxes`); :class:`~fflab.ff.reference.ReferenceTrainer`
+    trains it.
     """
 
-    def __init__(self, config: FFNetConfig, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        config: FFNetConfig,
+        generator: torch.Generator | None = None,
+        between: Sequence[Callable[[Tensor], Tensor] | nn.Module | None] | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         self.layers = build_layers(config, generator)
+        boxes = [] if between is None else list(between)
+        if between is not None and len(boxes) != len(config.hidden) - 1:
+            raise ValueError(
+                f"between needs one box (or None) per gap between hidden layers: "
+                f"{len(config.hidden) - 1} for {len(config.hidden)} layers, got {len(boxes)}"
+            )
+        self.between = nn.ModuleList(as_box(b) for b in boxes)
         head_in = sum(config.hidden[config.head_from :])
         self.head = nn.Linear(head_in, config.num_classes)
         nn.init.zeros_(self.head.weight)
@@ -210,6 +237,26 @@ class FFNet(nn.Module):
 
     def theta(self, layer: int) -> float:
         return self.config.theta(layer)
+
+    # -- boxes between layers -------------------------------------------------------------
+    @property
+    def has_boxes(self) -> bool:
+        """Whether any gap holds a box other than the identity."""
+        return any(not isinstance(b, nn.Identity) for b in self.between)
+
+    def require_no_boxes(self, user: str) -> None:
+        """Raise a ValueError naming ``user`` (a trainer that ignores boxes) if the net has
+        any."""
+        if self.has_boxes:
+            raise ValueError(
+                f"{user} does not apply the boxes between layers (FFNet between=...); "
+                "train this net with fflab.ff.reference.ReferenceTrainer"
+            )
+
+    def box(self, layer: int, a: Tensor) -> Tensor:
+        """What layer ``layer + 1`` receives from layer ``layer``'s activities a (N, H_l),
+        before its normalization: the gap's box of ``a``, or ``a`` itself."""
+        return self.between[layer](a) if self.between else a
 
     # -- the first layer, shared across labels ------------------------------------------
     def image_part(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -263,10 +310,11 @@ class FFNet(nn.Module):
         """
         h = self.embed(x, labels)
         out = []
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             a = torch.relu(layer(rms_normalize(h)))
             out.append(a)
-            h = a
+            if i + 1 < self.num_layers:
+                h = self.box(i, a)
         return out
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> FFOutput:
@@ -288,7 +336,8 @@ class FFNet(nn.Module):
         Autograd path (inputs detached between layers): summing these and calling
         ``backward()`` gives each layer the gradient of its own loss only. The fast trainer
         computes the same gradients by hand; the tests check that they agree. Peer
-        normalization is not part of these losses.
+        normalization is not part of these losses. A box's output enters the next layer as a
+        constant (detached).
         """
         c = self.config
         hp = embed_label(x, labels_pos, c.num_classes, c.label_mode)
@@ -299,7 +348,8 @@ class FFNet(nn.Module):
             an = torch.relu(layer(rms_normalize(hn.detach())))
             gp, gn = goodness(ap, c.goodness), goodness(an, c.goodness)
             losses.append(ff_loss(gp, gn, self.theta(i), c.goodness))
-            hp, hn = ap, an
+            if i + 1 < self.num_layers:
+                hp, hn = self.box(i, ap.detach()), self.box(i, an.detach())
         return losses
 
     # -- inference ------------------------------------------------------------------------
@@ -307,8 +357,8 @@ class FFNet(nn.Module):
         """Activities of all layers given the first layer's total input z0 (N, H_0)."""
         a = torch.relu(z0)
         out = [a]
-        for layer in self.layers[1:]:
-            a = torch.relu(layer(rms_normalize(a)))
+        for i, layer in enumerate(self.layers[1:]):
+            a = torch.relu(layer(rms_normalize(self.box(i, a))))
             out.append(a)
         return out
 

@@ -11,6 +11,11 @@ tests hold their gradients equal in float64.
 
 Peer normalization is not the gradient of a loss of the activities; it is written as the
 linear loss ``sum_rows(z_pos . t)`` whose gradient with respect to ``z`` is the term ``t``.
+
+A net's boxes between layers (``FFNet(between=...)``, :mod:`fflab.ff.boxes`) are applied to
+each layer's activities, detached and under ``no_grad``, before the next layer normalizes
+them: the box's output is a constant input to the layer above, so a box needs no gradient.
+This trainer is the one that trains a net with boxes (the fast one does not apply them).
 """
 
 from __future__ import annotations
@@ -70,7 +75,9 @@ class ReferenceTrainer:
                     rm.lerp_(a[:b].detach().mean(0), 1 - c.peer_momentum)
                     layer_loss = layer_loss + (z[:b] * peer_norm_dz(rm, c.peer_norm, b)).sum()
                 loss = loss + layer_loss
-            h = a
+            if i + 1 < net.num_layers:
+                with torch.no_grad():  # the box's output is a constant for the layer above
+                    h = net.box(i, a.detach())
         loss.backward()
         self._inactive = [i for i in range(net.num_layers) if i not in active]
         return torch.stack(stats)

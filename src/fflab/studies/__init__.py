@@ -21,6 +21,8 @@ from fflab import checkpoint
 STUDIES = {
     "goodness": "fflab.studies.goodness",
     "dead-units": "fflab.studies.dead_units",
+    "black-box": "fflab.studies.black_box",
+    "negatives": "fflab.studies.negatives",
 }
 
 
