@@ -17,6 +17,14 @@ The negatives come from a registered :mod:`negative source <fflab.negatives>`.
 Optional dropout (``FFTrainConfig.input_dropout``, ``dropout``) masks the image (in every
 pass) and the inputs of layers 2..L (in the positive and negative passes).
 
+Two schedules (``FFTrainConfig.step_schedule``) give the same update bit for bit:
+``forward_first`` (the default) runs every layer's forward pass and then every layer's
+gradients, so all layers' activities and inputs (2B rows each) are alive together;
+``layerwise`` computes each layer's gradients as soon as its activities exist and drops its
+input before the layer above is multiplied, so one layer's activities are alive at a time
+(and the neutral pass keeps only the head's features), which is what makes FF's memory
+independent of depth (``fflab study memory`` measures both).
+
 The gradients equal autograd's in :class:`fflab.ff.reference.ReferenceTrainer` (checked in
 the tests, float64).
 """
@@ -45,6 +53,9 @@ def _normalized(a: Tensor, ssq: Tensor) -> Tensor:
     return a * torch.rsqrt(ssq / a.shape[1] + RMS_EPS).unsqueeze(1)
 
 
+STEP_SCHEDULES = ("forward_first", "layerwise")
+
+
 @dataclass(frozen=True)
 class FFTrainConfig:
     """Optimization of an FF network (defaults: Hinton's released code)."""
@@ -64,7 +75,7 @@ class FFTrainConfig:
     lr_schedule: str = "hinton"  # hinton: constant for half the epochs, then linear to 0 | constant
     # negative source (fflab.negatives): hard (wrong label sampled from the softmax head) |
     # random (uniform wrong label) for a supervised net; hybrid (two images under a blurred
-    # mask) for an unsupervised one
+    # mask) | permuted (pixels shuffled) | unmasked (another image) for an unsupervised one
     negatives: str = "hard"
     # hybrid negatives: passes of the [1/4, 1/2, 1/4] blur (the paper gives no number; 6 makes
     # regions of roughly digit-stroke size, see fflab.negatives.blur_mask), and whether the
@@ -77,6 +88,12 @@ class FFTrainConfig:
     # activities entering every layer above the first, in the positive and negative passes
     input_dropout: float = 0.0
     dropout: float = 0.0
+    # order of a step's work: forward_first (every layer's forward pass, then every layer's
+    # gradients; all layers' activities alive together) | layerwise (each layer's gradients
+    # right after its own forward pass, its activities freed before the layer above is
+    # computed: one layer's alive at a time, so the step's memory is flat in depth; the same
+    # update in about the same time, see fflab study memory)
+    step_schedule: str = "forward_first"
     log_test_error: bool = False  # log test error per epoch (time-to-accuracy curves only)
     # the linear probe of an unsupervised net, trained after FF on frozen features: Adam,
     # batch 100 (defaults chosen on a validation split: see fflab.ff.probe.ProbeConfig)
@@ -102,6 +119,10 @@ class FFTrainConfig:
             raise ValueError("learning rates must be > 0")
         if not (0 <= self.input_dropout < 1 and 0 <= self.dropout < 1):
             raise ValueError("input_dropout and dropout must be in [0, 1)")
+        if self.step_schedule not in STEP_SCHEDULES:
+            raise ValueError(
+                f"step_schedule must be forward_first or layerwise, got {self.step_schedule!r}"
+            )
 
 
 def make_optimizer(net: torch.nn.Module, cfg: FFTrainConfig) -> torch.optim.Optimizer:
@@ -162,8 +183,13 @@ class FFTrainer:
     """
 
     def __init__(self, net: FFNet, cfg: FFTrainConfig) -> None:
+        if cfg.step_schedule == "layerwise" and not isinstance(net, FFNet):
+            raise ValueError("step_schedule=layerwise needs a feed-forward FFNet")
+        if getattr(net, "has_boxes", False):  # FFNet(between=...): this step applies no boxes
+            net.require_no_boxes(type(self).__name__)
         self.net = net
         self.cfg = cfg
+        self.layerwise = cfg.step_schedule == "layerwise"
         self.source = negative_source(net, cfg)
         self.optimizer = make_optimizer(net, cfg)
         # SmoothedSGD takes weight gradients as products folded into its smoothed gradient
@@ -171,6 +197,8 @@ class FFTrainer:
         self.fused = isinstance(self.optimizer, SmoothedSGD)
         self._cache: dict[tuple, tuple[Tensor, ...]] = {}
         self._layers = list(net.layers)  # slicing a ModuleList builds a new module each time
+        # the layers this trainer's passes run (a pipeline stage runs a block of them)
+        self._span = range(len(self._layers))
         self._inactive: list[int] = []
         # per unit, the positive rows it was active on this epoch (see unit_activity)
         self._active_counts: list[Tensor] | None = None
@@ -185,6 +213,10 @@ class FFTrainer:
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Activities, sums of squares and normalized inputs from first-layer input z0 (N, H_0).
 
+        The pass runs the layers of ``self._span`` (all of them, unless a pipeline stage
+        runs a block), z0 being the total input of the span's first layer; the lists are
+        indexed from it.
+
         The sum of squares of a layer's activities is both its goodness and (divided by the
         width) the mean square that normalizes it for the next layer, so it is computed once.
         ``inputs[i]`` (i >= 1) is layer i's input, the normalized activities of layer i - 1;
@@ -195,7 +227,7 @@ class FFTrainer:
         p = self.cfg.dropout if generator is not None else 0.0
         a = torch.relu_(z0)
         acts, ssq, inputs = [a], [_sumsq(a)], [z0]  # inputs[0]: set by the caller
-        for layer in self._layers[1:]:
+        for layer in self._layers[self._span.start + 1 : self._span.stop]:
             h = _normalized(a, ssq[-1])
             if p > 0:
                 h.mul_(self._dropout_mask(h.shape, p, generator, h))
@@ -255,20 +287,62 @@ class FFTrainer:
         (a function of dz) replaces the generic gradient of layer 0 (the supervised step's
         shared image product).
         """
-        net, c = self.net, self.net.config
         b = acts[0].shape[0] // 2
         self._count_active([a[:b] for a in acts])
         for i in active:
-            a = acts[i]
-            dz = a * coef[i].unsqueeze(1)  # (2B, H_i)
-            if c.peer_norm > 0:
-                rm = net.running_mean(i)
-                rm.lerp_(self._batch_mean(a[:b]), 1 - c.peer_momentum)
-                dz[:b].add_(peer_norm_dz(rm, c.peer_norm, b))
-            if i == 0 and first is not None:
-                first(dz)
-            else:
-                self._layers[i].local_grad(inputs[i], dz, self._param_grad)
+            self._layer_gradient(i, acts[i], inputs[i], coef[i], first)
+
+    def _layer_gradient(self, i: int, a: Tensor, h: Tensor | None, coef: Tensor, first=None):
+        """Layer i's gradients from its activities a (2B, H_i), its input h and ``coef`` (2B,)
+        (``dL/dz = coef * a``, plus peer normalization's term on the positive rows)."""
+        net, c = self.net, self.net.config
+        b = a.shape[0] // 2
+        dz = a * coef.unsqueeze(1)  # (2B, H_i)
+        if c.peer_norm > 0:
+            rm = net.running_mean(i)
+            rm.lerp_(self._batch_mean(a[:b]), 1 - c.peer_momentum)
+            dz[:b].add_(peer_norm_dz(rm, c.peer_norm, b))
+        if i == 0 and first is not None:
+            first(dz)
+        else:
+            self._layers[i].local_grad(h, dz, self._param_grad)
+
+    def _layerwise(self, start, b: int, x: Tensor, active: range, generator, first=None):
+        """The positive and negative phases one layer at a time; returns the stats (L, 3).
+
+        ``start()`` gives layer 0's total input (2B, H_0) and its input (None when ``first``
+        computes layer 0's gradients). Each active layer's gradients are computed as soon as
+        its activities exist, and its input is dropped before the layer above is multiplied,
+        so one layer's activities (with its input and ``dz``) are alive at a time. The work
+        and the random draws are those of the forward-first schedule, in the same order.
+        """
+        c, p = self.net.config, self.cfg.dropout
+        widths, theta, target, _ = self._constants(b, x)
+        if self._active_counts is None:
+            self._active_counts = [torch.zeros(h, device=x.device) for h in c.hidden]
+        # every layer's sums of squares (L, 2B), filled in as the layers are computed; layer
+        # i's coefficients are read from the terms of the whole table (the rows above are
+        # still 0), so that each value is computed at the place it has in the forward-first
+        # step's table: vectorized elementwise kernels may round a tensor's tail differently
+        ssq = target.new_zeros(target.shape)
+        a, h = start()
+        a = torch.relu_(a)
+        for i, layer in enumerate(self._layers):
+            if i > 0:
+                h = _normalized(a, ssq[i - 1])
+                if p > 0:
+                    h.mul_(self._dropout_mask(h.shape, p, generator, h))
+                a = None  # the layer below's activities are spent
+                a = torch.relu_(layer(h))
+            ssq[i] = _sumsq(a)
+            self._active_counts[i] += (a[:b] > 0).sum(0)
+            if i in active:
+                _, coef = goodness_loss_terms(ssq, theta, widths, target, c.goodness)
+                self._layer_gradient(i, a, h, coef[i], first)
+            h = None  # this layer's input is spent
+        self._active_rows += b
+        stats, _ = goodness_loss_terms(ssq, theta, widths, target, c.goodness)
+        return stats
 
     def _count_active(self, positive: list[Tensor]) -> None:
         """Add, per unit, the positive rows (N, H_l) on which it is active (> 0) to the
@@ -305,6 +379,14 @@ class FFTrainer:
     ) -> Tensor:
         """Positive phase on the images, negative phase on the source's images, stacked."""
         neg = self.source.draw(x, y, generator)
+        if self.layerwise:
+
+            def start() -> tuple[Tensor, Tensor]:
+                h0 = torch.cat([x, neg.x])  # (2B, D): rows [:B] positive, [B:] negative
+                h0 = _normalized(h0, _sumsq(h0))
+                return self._layers[0](h0), h0
+
+            return self._layerwise(start, x.shape[0], x, active, generator)
         h0 = torch.cat([x, neg.x])  # (2B, D): rows [:B] positive, [B:] negative
         h0 = _normalized(h0, _sumsq(h0))
         widths, theta, target, _ = self._constants(x.shape[0], x)
@@ -333,10 +415,13 @@ class FFTrainer:
         s_lab = net.label_scale(sq, neutral=False)  # (B,) one-hot label: same for pos and neg
         s2 = s_lab.repeat(2).unsqueeze(1)  # (2B, 1)
         label_in = eye.index_select(0, labels).mul_(s2)  # (2B, C): the scaled one-hot rows
+        first = lambda dz: self._first_layer_grad(x, dz, s_lab, label_in)  # noqa: E731
+        if self.layerwise:
+            start = lambda: (self._labelled_first_layer(a_img, labels, s2), None)  # noqa: E731
+            return self._layerwise(start, b, x, active, generator, first)
         z0 = self._labelled_first_layer(a_img, labels, s2)
         acts, ssq, inputs = self._pass(z0, generator=generator)
         stats, coef = goodness_loss_terms(torch.stack(ssq), theta, widths, target, c.goodness)
-        first = lambda dz: self._first_layer_grad(x, dz, s_lab, label_in)  # noqa: E731
         self._local_gradients(acts, inputs, coef, active, first)
         return stats
 
@@ -355,10 +440,32 @@ class FFTrainer:
         1:]`` of the pass); the negative source sees its probabilities before it learns.
         """
         net, c = self.net, self.net.config
+        if self.layerwise:
+            feats = self._neutral_features(net.first_layer(a_img, net.label_scale(sq, True), None))
+            return self._head_phase(x, y, feats, eye, generator)
         z0 = net.first_layer(a_img, net.label_scale(sq, True), None)
         _, _, inputs = self._pass(z0, normalize_last=True)
         feats = torch.cat(inputs[c.head_from + 1 :], 1)  # (B, F)
         return self._head_phase(x, y, feats, eye, generator)
+
+    def _neutral_features(self, z0: Tensor) -> Tensor:
+        """The head's features (B, F) from the neutral pass's z0 (B, H_0), one layer alive at
+        a time: each normalized layer head_from.. is copied into its columns as it is made
+        (the values of the forward-first pass's ``inputs[head_from + 1:]``)."""
+        c = self.net.config
+        feats = z0.new_empty(z0.shape[0], sum(c.hidden[c.head_from :]))  # (B, F)
+        a, col, n = torch.relu_(z0), 0, len(self._layers)
+        del z0
+        for i in range(n):
+            h = _normalized(a, _sumsq(a))
+            a = None
+            if i >= c.head_from:
+                feats[:, col : col + h.shape[1]].copy_(h)
+                col += h.shape[1]
+            if i + 1 < n:
+                a = torch.relu_(self._layers[i + 1](h))
+            h = None
+        return feats
 
     def _head_phase(
         self, x: Tensor, y: Tensor, feats: Tensor, eye: Tensor, generator: torch.Generator
@@ -367,15 +474,20 @@ class FFTrainer:
 
         The negative source sees the head's probabilities before the head learns.
         """
-        head, b = self.net.head, y.shape[0]
-        probs = torch.softmax(head(feats), 1)  # (B, C)
+        probs = torch.softmax(self.net.head(feats), 1)  # (B, C)
         neg = self.source.draw(x, y, generator, probs)
         if neg.x is not x or neg.y is None:
             raise ValueError(f"negative source {self.source.name!r} must keep the image")
-        dlogits = probs.sub_(eye.index_select(0, y)).div_(b)  # (B, C), probs is spent
+        self._head_gradient(y, feats, eye, probs)
+        return neg.y
+
+    def _head_gradient(self, y: Tensor, feats: Tensor, eye: Tensor, probs: Tensor) -> None:
+        """The head's gradients of its cross-entropy on features (B, F) with labels (B,),
+        from its probabilities (B, C) (spent: overwritten)."""
+        head = self.net.head
+        dlogits = probs.sub_(eye.index_select(0, y)).div_(y.shape[0])  # (B, C)
         self._param_grad(head.weight, dlogits.T, feats)
         self._param_grad(head.bias, dlogits.sum(0))
-        return neg.y
 
     def _labelled_first_layer(self, a_img: Tensor, labels: Tensor, s2: Tensor) -> Tensor:
         """Total input of layer 0 for the stacked rows: (B, H_0), (2B,), (2B, 1) -> (2B, H_0).

@@ -23,6 +23,7 @@ STUDIES = {
     "dead-units": "fflab.studies.dead_units",
     "black-box": "fflab.studies.black_box",
     "negatives": "fflab.studies.negatives",
+    "memory": "fflab.studies.memory",
 }
 
 
