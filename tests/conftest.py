@@ -39,3 +39,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def study_digits():
+    """scikit-learn's digits in [0, 1] as a study's data: 1,400 training and 397 test images
+    (a seeded permutation), float32, with their image shape."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x, y = (d.data / 16.0).astype(np.float32), d.target
+    idx = np.random.default_rng(0).permutation(len(y))
+    tr, te = idx[:1400], idx[1400:]
+    return {"x_train": x[tr], "y_train": y[tr], "x_test": x[te], "y_test": y[te],
+            "image_shape": (8, 8)}  # fmt: skip

@@ -251,15 +251,8 @@ def test_make_boxes_kinds():
 
 # -- the study end to end ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def digits():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x, y = (d.data / 16.0).astype(np.float32), d.target
-    idx = np.random.default_rng(0).permutation(len(y))
-    tr, te = idx[:1400], idx[1400:]
-    return {"x_train": x[tr], "y_train": y[tr], "x_test": x[te], "y_test": y[te],
-            "image_shape": (8, 8)}  # fmt: skip
+def digits(study_digits):
+    return study_digits
 
 
 def test_black_box_study_on_digits(tmp_path, digits, one_thread):

@@ -6,7 +6,6 @@ import itertools
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 from run_helpers import assert_same_checkpoints, stop_at_second_checkpoint
@@ -148,15 +147,8 @@ def test_sources_selected_by_config_match_the_autograd_reference(negatives):
 
 
 @pytest.fixture(scope="module")
-def digits():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x, y = (d.data / 16.0).astype(np.float32), d.target
-    idx = np.random.default_rng(0).permutation(len(y))
-    tr, te = idx[:1400], idx[1400:]
-    return {"x_train": x[tr], "y_train": y[tr], "x_test": x[te], "y_test": y[te],
-            "image_shape": (8, 8)}  # fmt: skip
+def digits(study_digits):
+    return study_digits
 
 
 TINY = {"model": {"hidden": [40, 40]}, "train": {"epochs": 3, "probe_epochs": 2, "lr": 0.02}}
