@@ -73,6 +73,58 @@ CASES: dict[str, tuple[str, dict]] = {
         },
     ),
 }
+# the layer pipeline's cases (tests/test_pipeline.py); '_run' says how to launch them
+_SUPERVISED = {
+    "model": {**_SIZES, "label_mode": "concat", "hidden": [24, 16, 12], "peer_norm": 0.03},
+    "train": {"negatives": "random", "dropout": 0.2, "input_dropout": 0.1, "epochs": 2},
+}
+PIPE_CASES = {
+    # three stages: a first, a middle and a last stage, all with dropout draws to replay
+    "pipe-supervised": ("smoke", {**_SUPERVISED, "_run": {"parallel": "pipeline"}}),
+    "pipe-supervised-head1": (
+        "smoke",
+        {
+            "model": {**_SUPERVISED["model"], "head_from": 1},
+            "train": {**_SUPERVISED["train"], "optimizer": "adam", "lr": 0.001},
+            "_run": {"parallel": "pipeline", "stages": [2, 1]},
+        },
+    ),
+    "pipe-unsupervised": (
+        "smoke-unsup",
+        {
+            "model": {**_SIZES, "image_shape": [1, 8, 8], "hidden": [24, 16, 12]},
+            "train": {
+                "epochs": 1,  # per layer, greedy: every stage rests in some epoch
+                "layer_schedule": "greedy",
+                "dropout": 0.2,
+                "blurs": 2,
+                "probe_epochs": 1,
+            },
+            "_run": {"parallel": "pipeline", "stages": [1, 2]},
+        },
+    ),
+    "pipe-hard": (
+        "smoke",
+        {
+            "model": {**_SIZES, "label_mode": "concat", "hidden": [24, 16]},
+            "train": {"negatives": "hard"},
+            "_run": {"parallel": "pipeline"},
+        },
+    ),
+    "pipe-bad-stages": (
+        "smoke",
+        {**_SUPERVISED, "_run": {"parallel": "pipeline", "stages": [2, 2]}},
+    ),
+}
+PIPE_CASES["pipe-long"] = (
+    "smoke",
+    {
+        "model": {**_SIZES, "label_mode": "concat", "hidden": [24, 16]},
+        "train": {"negatives": "random", "epochs": 8},
+        "_run": {"parallel": "pipeline"},
+    },
+)
+CASES.update(PIPE_CASES)
 # a longer run for the tests that stop a rank mid-run
 CASES["ff-long"] = (
     "smoke",
@@ -109,6 +161,9 @@ def worker(case: str, out: str, resume: bool, timeout: float, sleep: float) -> i
 
     preset, settings = CASES[case]
     settings = {k: dict(v) for k, v in settings.items()}
+    scheme = settings.pop("_run", {})  # how to run under the launcher (pipeline cases)
+    if "WORLD_SIZE" not in os.environ:
+        scheme = {}
     data = settings.setdefault("data", {})
     data["dataset"] = "arrays"
     settings["train"]["batch_size"] = 45
@@ -131,6 +186,7 @@ def worker(case: str, out: str, resume: bool, timeout: float, sleep: float) -> i
             progress=False,
             datasets=synthetic(),
             dist_timeout=timeout,
+            **scheme,
         )
     except ConfigError as e:
         print(f"fflab: error: {e}", file=sys.stderr)
@@ -231,7 +287,7 @@ def reference(tmp_path_factory):
 
 
 # -- the tests -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", [c for c in CASES if c != "ff-long"])
+@pytest.mark.parametrize("case", [c for c in CASES if c != "ff-long" and c not in PIPE_CASES])
 def test_two_processes_end_with_the_weights_of_one(case, reference, tmp_path):
     """Same seed, same global batch: 2 processes end where 1 does, and only rank 0 writes."""
     lead, other = tmp_path / "run", tmp_path / "rank1-out"
@@ -324,14 +380,22 @@ def _wait_for_checkpoint(run: Path, procs, epochs: int, limit: float = 60.0) -> 
 
 
 @pytest.mark.parametrize(
-    ("victim", "how"), [(1, signal.SIGKILL), (0, signal.SIGKILL), (1, signal.SIGSTOP)]
+    ("case", "victim", "how"),
+    [
+        ("ff-long", 1, signal.SIGKILL),
+        ("ff-long", 0, signal.SIGKILL),
+        ("ff-long", 1, signal.SIGSTOP),
+        ("pipe-long", 1, signal.SIGKILL),  # the layer pipeline: rank 0 sends to rank 1
+    ],
 )
-def test_a_lost_rank_stops_the_run_and_the_checkpoint_survives(victim, how, reference, tmp_path):
+def test_a_lost_rank_stops_the_run_and_the_checkpoint_survives(
+    case, victim, how, reference, tmp_path
+):
     """A rank killed (or hung: SIGSTOP, caught by the 5 s process-group timeout) mid-run: the
     survivor exits 1 with a one-line message within seconds, the last checkpoint is intact,
     and resuming it with one process (another N) ends where one uninterrupted process does."""
     run = tmp_path / "run"
-    procs = launch("ff-long", [run, run], timeout=5.0, sleep=0.3)
+    procs = launch(case, [run, run], timeout=5.0, sleep=0.3)
     try:
         _wait_for_checkpoint(run, procs, epochs=2)
         t0 = time.monotonic()
@@ -353,9 +417,9 @@ def test_a_lost_rank_stops_the_run_and_the_checkpoint_survives(victim, how, refe
     tensors, meta = checkpoint_of(run)
     assert 2 <= meta["epochs_done"] < 8
     assert all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
-    [(rc, err)] = finish(launch("ff-long", [run], resume=True))
+    [(rc, err)] = finish(launch(case, [run], resume=True))
     assert rc == 0, err
-    assert_same_weights(run, reference("ff-long"))
+    assert_same_weights(run, reference(case))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"fflab: error: {message}\n")
 
 
+def _stage_sizes(text: str) -> list[int]:
+    """``--stages 2,1``: hidden layers per pipeline stage."""
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--stages takes layer counts separated by commas, e.g. 2,1; got {text!r}"
+        ) from None
+    return sizes
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fflab", description="Forward-Forward and Boltzmann learning, reproducible.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -60,6 +71,19 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="under torchrun: how long a process waits for the others before the run stops "
         "(default 300)",
+    )
+    t.add_argument(
+        "--parallel",
+        choices=("data", "pipeline"),
+        default="data",
+        help="under torchrun: data (every process a share of every batch, the default) or "
+        "pipeline (every process a block of FF layers)",
+    )
+    t.add_argument(
+        "--stages",
+        type=_stage_sizes,
+        metavar="N,N,...",
+        help="with --parallel pipeline: hidden layers per process (default: balanced by cost)",
     )
     _common(t)
 
@@ -151,6 +175,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         log=log,
         dist_timeout=args.dist_timeout,
         tensorboard=args.tensorboard,
+        parallel=args.parallel,
+        stages=args.stages,
     )
     if summary.get("rank", 0) != 0:  # a data-parallel run: rank 0 reports
         return 0

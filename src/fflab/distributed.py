@@ -36,6 +36,7 @@ from fflab.negatives import NegativeBatch, NegativeSource
 DEFAULT_TIMEOUT = 300.0  # seconds a rank waits in a collective before the run stops
 BUCKET_BYTES = 32 << 20  # gradients are all-reduced in flat buffers of about this size
 PARALLEL_ALGORITHMS = ("ff", "bp", "rbm")
+SCHEMES = ("data", "pipeline")  # shards of every batch | blocks of layers (fflab.pipeline)
 
 
 class DistributedError(RuntimeError):
@@ -113,11 +114,11 @@ class Comm:
         # row j of rank r is global row j * N + r
         return torch.stack(parts, 1).reshape(m * self.world_size, *local.shape[1:])[:n]
 
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank (pickled)."""
-        box = [obj if self.lead else None]
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """Rank ``src``'s ``obj`` on every rank (pickled)."""
+        box = [obj if self.rank == src else None]
         device = self.device if self.device.type == "cuda" else None
-        self._run(dist.broadcast_object_list, box, src=0, device=device)
+        self._run(dist.broadcast_object_list, box, src=src, device=device)
         return box[0]
 
     def from_lead(self, fn: Callable[[], Any], errors: tuple[type[BaseException], ...]) -> Any:
@@ -369,8 +370,28 @@ def check_batches(n: int, batch_size: int, comm: Comm) -> None:
         )
 
 
-def parallelize(algorithm: str, exp: Any, comm: Comm) -> Any:
-    """Make the experiment ``exp`` of ``algorithm`` train on this rank's shards."""
+def parallelize(
+    algorithm: str,
+    exp: Any,
+    comm: Comm,
+    scheme: str = "data",
+    stages: Sequence[int] | None = None,
+) -> Any:
+    """Make the experiment ``exp`` of ``algorithm`` train on this rank's shards (``scheme``
+    data) or on this rank's block of layers (``scheme`` pipeline: :mod:`fflab.pipeline`;
+    ``stages``: layers per rank, default a split balanced by cost)."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"--parallel must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+    if scheme == "pipeline":
+        from fflab.pipeline import PipelineFFTrainer
+
+        if algorithm != "ff" or type(exp.trainer) is not FFTrainer:
+            raise ValueError(f"the layer pipeline trains feed-forward FF nets, not {algorithm}")
+        exp.trainer = PipelineFFTrainer(exp.net, exp.config.train, comm, stages)
+        exp.parallel_report = exp.trainer.epoch_report
+        return exp
+    if stages is not None:
+        raise ValueError("--stages belongs to --parallel pipeline")
     if algorithm not in PARALLEL_ALGORITHMS:
         raise ValueError(
             f"data-parallel training supports the algorithms {', '.join(PARALLEL_ALGORITHMS)}; "

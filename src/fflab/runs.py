@@ -22,7 +22,7 @@ import json
 import math
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,8 @@ class BatchReporter:
     and always on the epoch's last batch; on a GPU each read waits for the device, so reading
     every batch would stop the host from queueing the next step while the device works. A
     non-finite ``loss`` among the values read raises :class:`Diverged` with the message
-    ``diverged(loss)``; one in between is caught by the end-of-epoch check.
+    ``diverged(loss)``; one in between is caught by the end-of-epoch check. Without
+    ``check`` it only shows progress (a pipeline stage, whose neighbours must stop with it).
     """
 
     def __init__(
@@ -65,9 +66,10 @@ class BatchReporter:
         diverged: Callable[[float], str],
         every: float = 0.5,
         clock: Callable[[], float] = time.perf_counter,
+        check: bool = True,
     ) -> None:
         self.bar, self.total, self.diverged, self.every = bar, total, diverged, every
-        self.clock, self.done, self.shown_at = clock, 0, -math.inf
+        self.clock, self.done, self.shown_at, self.check = clock, 0, -math.inf, check
 
     def __call__(self, n: int, values: BatchValues) -> None:
         self.bar.update(n - self.done)
@@ -77,7 +79,7 @@ class BatchReporter:
             return
         self.shown_at = now
         values = values() if callable(values) else values
-        if not math.isfinite(values.get("loss", 0.0)):
+        if self.check and not math.isfinite(values.get("loss", 0.0)):
             raise Diverged(self.diverged(values["loss"]))
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
 
@@ -238,8 +240,9 @@ def _train_epoch(
         leave=False,
     )
     message = partial(diverged_message, epoch, out_dir)
-    if comm is None:
-        on_batch = BatchReporter(bar, exp.samples_per_epoch, message)
+    pipelined = hasattr(exp, "parallel_report")
+    if comm is None or pipelined:  # a stage checks only at the epoch's end, with the others
+        on_batch = BatchReporter(bar, exp.samples_per_epoch, message, check=not pipelined)
     else:
         on_batch = CollectiveReporter(bar, exp.samples_per_epoch, message, comm)
     try:
@@ -248,6 +251,8 @@ def _train_epoch(
         bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    if pipelined:
+        m.update(exp.parallel_report())
     bad = not math.isfinite(m["loss"]) or not exp.parameters_finite()
     if comm is not None:
         bad = comm.any(bad)
@@ -268,6 +273,8 @@ def train(
     datasets: data.Datasets | None = None,
     dist_timeout: float = distributed.DEFAULT_TIMEOUT,
     tensorboard: bool = False,
+    parallel: str = "data",
+    stages: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Train (or, with ``resume``, continue) the run in ``out_dir``; return its summary.
 
@@ -281,7 +288,9 @@ def train(
     Under ``torchrun`` every process calls this and trains its shards (:mod:`fflab.
     distributed`); ``dist_timeout`` is how many seconds a process waits for the others in a
     collective before the run stops. Rank 0 returns the summary, the others ``{"rank": r,
-    "world_size": N}`` (they leave when training ends; rank 0 alone evaluates).
+    "world_size": N}`` (they leave when training ends; rank 0 alone evaluates). ``parallel``:
+    ``data`` (every rank a shard of every batch) or ``pipeline`` (every rank a block of
+    layers, :mod:`fflab.pipeline`; ``stages``: layers per rank).
     """
     out_dir = Path(out_dir)
     try:
@@ -291,6 +300,11 @@ def train(
     except distributed.DistributedError as e:
         raise RunError(str(e)) from None
     if comm is None:
+        if parallel != "data" or stages is not None:
+            raise ConfigError(
+                "--parallel pipeline and --stages need several processes: start fflab with "
+                "torchrun --nproc-per-node N"
+            )
         return _train(
             config, out_dir, device, data_dir, resume, progress, log, datasets, None, tensorboard
         )
@@ -299,7 +313,7 @@ def train(
     try:
         return _train(
             config, out_dir, comm.device, data_dir, resume, progress, log, datasets, comm,
-            tensorboard,
+            tensorboard, (parallel, stages),
         )  # fmt: skip
     except distributed.DistributedError as e:
         raise RunError(
@@ -347,6 +361,7 @@ def _train(
     datasets: data.Datasets | None,
     comm: distributed.Comm | None,
     tensorboard: bool = False,
+    scheme: tuple[str, Sequence[int] | None] = ("data", None),
 ) -> dict[str, Any]:
     ckpt_path = out_dir / CHECKPOINT
     lead = comm is None or comm.lead
@@ -363,7 +378,7 @@ def _train(
         exp = build_experiment(config, data_dir, device, datasets)
         if comm is not None:
             try:
-                distributed.parallelize(config.algorithm, exp, comm)
+                distributed.parallelize(config.algorithm, exp, comm, *scheme)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         return exp
@@ -405,7 +420,10 @@ def _train(
         checkpoint.atomic_write_text(
             out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics)
         )
-    if comm is not None:
+    if comm is not None and hasattr(exp, "parallel_report"):
+        split = "+".join(map(str, exp.trainer.stages))
+        log(f"layer pipeline: {comm.world_size} processes ({split} layers), {comm.device.type}")
+    elif comm is not None:
         log(f"data-parallel: {comm.world_size} processes, {comm.device.type}")
     board = None
     if tensorboard and lead:
@@ -474,6 +492,8 @@ def _train(
         "dataset": config.data.dataset,
         **_environment(device, comm),
     }
+    if comm is not None:
+        summary["parallel"] = scheme[0]
     checkpoint.atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
