@@ -306,6 +306,35 @@ def test_two_processes_end_with_the_weights_of_one(case, reference, tmp_path):
     assert checkpoint_of(lead)[1]["world_size"] == 2
 
 
+def test_a_full_buffer_is_reduced_while_the_step_goes_on():
+    """GradBuckets.unit_done starts a buffer's all-reduce as soon as all its units are done
+    (never the last buffer, which carries the extras), weighted once; reduce_ waits for it
+    and reduces the rest. One gloo process: the sum over ranks is the value itself."""
+    import torch.distributed as dist
+
+    from fflab.distributed import Comm, GradBuckets
+
+    params = [torch.nn.Parameter(torch.zeros(4)) for _ in range(3)]  # 16 bytes each
+    buckets = GradBuckets([[p] for p in params], extra=2, bucket_bytes=16)
+    assert len(buckets.buckets) == 3
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        comm = Comm(rank=0, world_size=1, device=torch.device("cpu"), timeout=10.0)
+        buckets.bind()
+        for k, p in enumerate(params):
+            p.grad.copy_(torch.full((4,), float(k + 1)))
+        buckets.unit_done(0, comm, 0.5)
+        assert list(buckets._launched) == [0]  # in flight while units 1 and 2 compute
+        buckets.unit_done(2, comm, 0.5)  # the last buffer waits for reduce_
+        assert list(buckets._launched) == [0]
+        out = buckets.reduce_(comm, 0.5, None, torch.tensor([4.0, 6.0]))
+        assert buckets._launched == {} and buckets._done == set()
+        assert [p.grad.tolist() for p in params] == [[0.5] * 4, [1.0] * 4, [1.5] * 4]
+        assert out.tolist() == [2.0, 3.0]
+    finally:
+        dist.destroy_process_group()
+
+
 def test_a_batch_smaller_than_the_world_is_a_usage_error(tmp_path):
     """Batches of 45 on 300 samples leave 30 in the last batch: 2 processes share them all,
     but 271 samples leave a last batch of 1 row, and batches of 1 row cannot be shared."""

@@ -34,7 +34,10 @@ from fflab.ff.train import FFTrainer
 from fflab.negatives import NegativeBatch, NegativeSource
 
 DEFAULT_TIMEOUT = 300.0  # seconds a rank waits in a collective before the run stops
-BUCKET_BYTES = 32 << 20  # gradients are all-reduced in flat buffers of about this size
+# gradients are all-reduced in flat buffers of about this size: small enough that a layer's
+# buffer can travel while the layers above compute theirs (FF), large enough to amortize a
+# collective's latency
+BUCKET_BYTES = 4 << 20
 PARALLEL_ALGORITHMS = ("ff", "bp", "rbm")
 SCHEMES = ("data", "pipeline")  # shards of every batch | blocks of layers (fflab.pipeline)
 
@@ -186,6 +189,8 @@ class GradBuckets:
     consecutive units share a buffer up to ``bucket_bytes``. :meth:`bind` points every
     parameter's ``.grad`` at its view, so whatever writes the gradients writes the buffers and
     no copy is made. ``extra`` values (loss statistics) ride at the end of the last buffer.
+    A step that reports each unit as it completes (:meth:`unit_done`) has a full buffer's
+    all-reduce start at once, overlapping the gradients still to be computed.
     """
 
     def __init__(
@@ -220,6 +225,9 @@ class GradBuckets:
                     self.unit_views[i].append(view)
                     offset += p.numel()
             self.buckets.append((unit_ids, flat))
+        self.bucket_of = {i: b for b, (ids, _) in enumerate(self.buckets) for i in ids}
+        self._done: set[int] = set()  # units whose gradients are complete this step
+        self._launched: dict[int, Any] = {}  # bucket -> its all-reduce in flight
 
     def bind(self) -> None:
         """Point every parameter's ``.grad`` at its view of the buffers."""
@@ -237,6 +245,21 @@ class GradBuckets:
     def zero_(self) -> None:
         for _, flat in self.buckets:
             flat.zero_()
+
+    def unit_done(self, unit: int, comm: Comm, weight: float) -> None:
+        """Unit ``unit``'s gradients are complete: once every unit of its buffer is, and the
+        buffer does not carry the extras, start that buffer's all-reduce (``weight`` times
+        the gradient) in the background while the step computes the rest.
+        :meth:`reduce_` waits for it."""
+        self._done.add(unit)
+        b = self.bucket_of[unit]
+        unit_ids, flat = self.buckets[b]
+        if b == len(self.buckets) - 1 or b in self._launched:
+            return  # the last buffer carries the extras: it goes in reduce_
+        if all(i in self._done for i in unit_ids):
+            if weight != 1.0:
+                flat.mul_(weight)
+            self._launched[b] = comm._run(dist.all_reduce, flat, async_op=True)
 
     def adopt(self) -> None:
         """Copy a gradient that autograd put elsewhere into its view, and bind it."""
@@ -256,7 +279,11 @@ class GradBuckets:
         returns the summed ``weight * extra`` (or None). A buffer without an active unit is
         left out; inactive units sharing one with active units are zeroed first."""
         out = None
+        launched, self._launched, self._done = self._launched, {}, set()
         for b, (unit_ids, flat) in enumerate(self.buckets):
+            if b in launched:  # started by unit_done
+                comm._run(launched[b].wait)
+                continue
             last = b == len(self.buckets) - 1
             live = [i for i in unit_ids if active is None or i in active]
             if not live and not (last and extra is not None):
@@ -324,6 +351,11 @@ class DataParallelFFTrainer(FFTrainer):
         units.append(list(net.head.parameters()))
         self.buckets = GradBuckets(units, extra=3 * net.num_layers)
         self._shard: tuple[int, slice] = (0, slice(None))
+        self._weight = 1.0  # this rank's share of the step's batch
+
+    def _layer_gradient(self, i, a, h, coef, first=None):
+        super()._layer_gradient(i, a, h, coef, first)
+        self.buckets.unit_done(i, self.comm, self._weight)  # layer i's buffer may travel now
 
     @torch.no_grad()
     def step(
@@ -335,13 +367,14 @@ class DataParallelFFTrainer(FFTrainer):
             x = x * dropout_mask(x.shape, self.input_dropout, generator, x)
         rows = self.comm.rows(b)
         self._shard = (b, rows)
+        self._weight = self.comm.count(b) / b
         self.source.batch(x, y, rows)
         self.buckets.bind()
         stats = self.compute_gradients(x[rows].contiguous(), y[rows], generator, active)
         live = set(range(self.net.num_layers)) - set(self._inactive)
         if self.net.config.supervised:  # the head learns in the neutral pass
             live.add(self.net.num_layers)
-        stats = self.buckets.reduce_(self.comm, self.comm.count(b) / b, live, stats)
+        stats = self.buckets.reduce_(self.comm, self._weight, live, stats)
         self.buckets.unbind(live)  # what did not learn gets no step
         self.apply_gradients()
         return stats
