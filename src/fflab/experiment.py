@@ -108,6 +108,13 @@ ALGORITHMS = {
         "fflab.boltzmann.rbm_experiment:build_rbm",
         "fflab.boltzmann.rbm_experiment:rbm_model",
     ),
+    "class-rbm": Algorithm(
+        "class-rbm",
+        "fflab.boltzmann.class_rbm_experiment:ClassRBMConfig",
+        "fflab.boltzmann.class_rbm_experiment:ClassRBMTrainConfig",
+        "fflab.boltzmann.class_rbm_experiment:build_class_rbm",
+        "fflab.boltzmann.class_rbm_experiment:class_rbm_model",
+    ),
     "bm": Algorithm(
         "bm",
         "fflab.boltzmann.bm_experiment:BMConfig",

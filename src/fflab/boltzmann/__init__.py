@@ -1,6 +1,8 @@
 """Boltzmann machines and restricted Boltzmann machines: sampling, learning, evaluation.
 
 - ``rbm``: Bernoulli-Bernoulli RBM, its conditionals, free energy, CD-k and PCD gradients.
+- ``class_rbm``: classification RBM over an image and its label (Larochelle & Bengio 2008):
+  free energy per label, p(y | v), discriminative, generative (CD-k) and hybrid gradients.
 - ``bm``: general Boltzmann machine (lateral weights), sequential Gibbs, pairwise statistics.
 - ``exact``: brute-force log Z, log p(v) and likelihood gradients for small models.
 - ``ais``: annealed importance sampling of an RBM's log Z (Salakhutdinov & Murray 2008).
@@ -25,6 +27,7 @@ from .bm import (
     pairwise_statistics,
     statistics_difference,
 )
+from .class_rbm import ClassRBM
 from .exact import MAX_EXACT_UNITS, binary_states, exact_gradient, exact_log_prob, exact_log_z
 from .rbm import (
     RBM,
@@ -44,6 +47,7 @@ __all__ = [
     "AISResult",
     "BoltzmannMachine",
     "CDResult",
+    "ClassRBM",
     "MAX_EXACT_UNITS",
     "RBM",
     "ais_log_weights",

@@ -24,6 +24,7 @@ STUDIES = {
     "black-box": "fflab.studies.black_box",
     "negatives": "fflab.studies.negatives",
     "memory": "fflab.studies.memory",
+    "ff-vs-bm": "fflab.studies.ff_vs_bm",
 }
 
 
