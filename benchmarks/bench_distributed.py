@@ -86,6 +86,10 @@ def counting(comm):
             self.sent += t.numel() * t.element_size()
             return super().all_reduce_(t, op)
 
+        def all_reduce_async(self, t):
+            self.sent += t.numel() * t.element_size()
+            return super().all_reduce_async(t)
+
         def gather_rows(self, local, n):
             m = math.ceil(n / self.world_size)
             self.sent += m * local[0].numel() * local.element_size()

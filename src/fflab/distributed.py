@@ -102,6 +102,14 @@ class Comm:
         self._run(dist.all_reduce, t, op=op or dist.ReduceOp.SUM)
         return t
 
+    def all_reduce_async(self, t: Tensor) -> Any:
+        """Start summing ``t`` over the ranks in place; returns the work to ``wait_``."""
+        return self._run(dist.all_reduce, t, op=dist.ReduceOp.SUM, async_op=True)
+
+    def wait_(self, work: Any) -> None:
+        """Wait for a collective started by :meth:`all_reduce_async`."""
+        self._run(work.wait)
+
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` is true on any rank (every rank gets the same answer)."""
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
@@ -259,7 +267,7 @@ class GradBuckets:
         if all(i in self._done for i in unit_ids):
             if weight != 1.0:
                 flat.mul_(weight)
-            self._launched[b] = comm._run(dist.all_reduce, flat, async_op=True)
+            self._launched[b] = comm.all_reduce_async(flat)
 
     def adopt(self) -> None:
         """Copy a gradient that autograd put elsewhere into its view, and bind it."""
@@ -282,7 +290,7 @@ class GradBuckets:
         launched, self._launched, self._done = self._launched, {}, set()
         for b, (unit_ids, flat) in enumerate(self.buckets):
             if b in launched:  # started by unit_done
-                comm._run(launched[b].wait)
+                comm.wait_(launched[b])
                 continue
             last = b == len(self.buckets) - 1
             live = [i for i in unit_ids if active is None or i in active]
