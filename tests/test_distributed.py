@@ -2,9 +2,10 @@
 
 Every process is a subprocess running this file as a script (``python test_distributed.py
 CASE OUT``) with the environment torchrun gives its workers (RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR, MASTER_PORT), one thread each, in float64, on synthetic data (no download).
-The one-process reference is the same script without that environment: the ordinary,
-non-distributed run (fused FF step, one negative source, one set of chains).
+MASTER_ADDR, MASTER_PORT, TORCHELASTIC_USE_AGENT_STORE: the test holds the rendezvous store,
+as torchrun's agent does, so no rank hosts it), one thread each, in float64, on synthetic
+data (no download). The one-process reference is the same script without that environment:
+the ordinary, non-distributed run (fused FF step, one negative source, one set of chains).
 
 Tolerance: float64 weights of the 2-process run must equal the reference's to rtol 1e-9 /
 atol 1e-12. The only legitimate difference is the order of float summations (a gradient
@@ -20,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 HERE = Path(__file__).resolve()
 
@@ -198,19 +199,30 @@ def worker(case: str, out: str, resume: bool, timeout: float, sleep: float) -> i
 
 
 # -- launching -------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def launch(case: str, outs: list[Path], *, resume=False, timeout=60.0, sleep=0.0):
-    """One process per entry of ``outs`` (each rank's --out); one process: no launcher env."""
-    port, world = _free_port(), len(outs)
-    procs = []
+class Launch(list):
+    """The processes of one launch, and the rendezvous store they meet at (held here, in the
+    launcher, as ``torchrun``'s agent holds it: no rank hosts it)."""
+
+    store = None
+
+
+def launch(case: str, outs: list[Path], *, resume=False, timeout=60.0, sleep=0.0) -> Launch:
+    """One process per entry of ``outs`` (each rank's --out); one process: no launcher env.
+
+    Several processes meet as under ``torchrun``: the store is this process's, and the ranks
+    find it through ``TORCHELASTIC_USE_AGENT_STORE``.
+    """
+    world = len(outs)
+    procs = Launch()
+    if world > 1:
+        procs.store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
     for rank, out in enumerate(outs):
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        # PYTHONFAULTHANDLER: a rank that crashes in native code prints its Python stack
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+        for key in (*LAUNCH_ENV, "TORCHELASTIC_USE_AGENT_STORE"):
             env.pop(key, None)
         if world > 1:
             env.update(
@@ -218,7 +230,8 @@ def launch(case: str, outs: list[Path], *, resume=False, timeout=60.0, sleep=0.0
                 WORLD_SIZE=str(world),
                 LOCAL_RANK=str(rank),
                 MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port),
+                MASTER_PORT=str(procs.store.port),
+                TORCHELASTIC_USE_AGENT_STORE="True",
             )
         cmd = [sys.executable, str(HERE), case, str(out), str(timeout), str(sleep)]
         if resume:
@@ -231,7 +244,7 @@ def launch(case: str, outs: list[Path], *, resume=False, timeout=60.0, sleep=0.0
     return procs
 
 
-def finish(procs, timeout: float = 120.0) -> list[tuple[int, str]]:
+def finish(procs: Launch, timeout: float = 120.0) -> list[tuple[int, str]]:
     """Wait for every process (killing all if one overruns); (return code, stderr) each."""
     results = []
     try:

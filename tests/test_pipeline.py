@@ -74,8 +74,9 @@ def test_the_pipeline_ends_with_the_weights_of_one_process(case, world, referenc
 def test_what_the_pipeline_cannot_do_is_a_usage_error(case, message, tmp_path):
     """Rank 0 builds the run first and says what is wrong (exit 2); rank 1 stops with it."""
     (rc0, err0), (rc1, err1) = finish(launch(case, [tmp_path / "run", tmp_path / "rank1-out"]))
-    assert rc0 == 2 and message in err0 and "Traceback" not in err0
-    assert rc1 == 1 and "another process failed to set up the run" in err1
+    said = f"rank 0 ({rc0}): {err0}\nrank 1 ({rc1}): {err1}"
+    assert rc0 == 2 and message in err0 and "Traceback" not in err0, said
+    assert rc1 == 1 and "another process failed to set up the run" in err1, said
 
 
 def test_pipeline_needs_a_launcher(capsys):

@@ -12,6 +12,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import signal
@@ -278,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     from fflab.runs import RunError
 
     tune_allocator()
+    if not faulthandler.is_enabled():  # a crash in native code (a backend's abort) says where
+        faulthandler.enable()
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     commands = {
