@@ -150,3 +150,18 @@ def test_standard_error_by_hand():
 
     assert standard_error(2.0, 10_000) == pytest.approx(100 * (0.02 * 0.98 / 10_000) ** 0.5)
     assert standard_error(0.0, 10) == 0.0
+
+
+def test_a_study_trains_a_changed_preset_at_its_documented_settings(tmp_path, monkeypatch):
+    """RECIPES sit under the study's own settings, which sit under the context's."""
+    import fflab
+
+    seen = {}
+    monkeypatch.setattr(fflab, "train", lambda preset, run_dir, **kw: seen.update(kw))
+    ctx = StudyContext(out_dir=tmp_path, settings={"train": {"epochs": 2}})
+    ctx.train("u", "mnist-ff-unsup-quick", {"train": {"epochs": 5, "probe_epochs": 3}})
+    assert seen["settings"]["train"] == {"lr": 0.005, "epochs": 2, "probe_epochs": 3}
+    ctx.train("v", "mnist-ff-unsup-quick", {"train": {"lr": 0.02}})
+    assert seen["settings"]["train"] == {"lr": 0.02, "epochs": 2}
+    ctx.train("w", "mnist-ff-quick", {"train": {"epochs": 5}})
+    assert seen["settings"]["train"] == {"epochs": 2}

@@ -103,11 +103,12 @@ PRESETS: dict[str, Preset] = {
             "mnist-ff-unsup-quick",
             "ff",
             "unsupervised FF in minutes: 3 x 1000 (the probe reads all three layers), 32 "
-            "epochs, otherwise as mnist-ff-unsup",
-            "fflab, 2-core CPU: 1.72% test error (probe; seed 0) in under 9 minutes",
+            "epochs at twice the learning rate (0.01: larger steps for the shorter "
+            "schedule), otherwise as mnist-ff-unsup",
+            "fflab, 2-core CPU: 1.58% test error (probe; seed 0; 1.62% seed 1) in 6-7 minutes",
             {
                 "model": {**_UNSUP_MODEL, "hidden": [1000, 1000, 1000], "head_from": 0},
-                "train": {**_UNSUP_TRAIN, "epochs": 32},
+                "train": {**_UNSUP_TRAIN, "epochs": 32, "lr": 0.01},
             },
         ),
         Preset(
