@@ -466,4 +466,25 @@ def test_a_lost_rank_stops_the_run_and_the_checkpoint_survives(
 
 if __name__ == "__main__":
     case, out, timeout, sleep = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
-    sys.exit(worker(case, out, "--resume" in sys.argv[5:], timeout, sleep))
+    from fflab.distributed import end_process
+
+    end_process(worker(case, out, "--resume" in sys.argv[5:], timeout, sleep))
+
+
+@pytest.mark.parametrize("launched", [False, True])
+def test_end_process_exits_with_the_code_and_flushes_what_was_printed(launched):
+    """Under a launcher the process ends by os._exit (no teardown: no atexit handler runs),
+    with stdout and stderr flushed; otherwise by sys.exit (atexit handlers run)."""
+    code = (
+        "import atexit, sys\n"
+        "from fflab.distributed import end_process\n"
+        "atexit.register(lambda: print('teardown', file=sys.stderr))\n"
+        "print('out', end=''); print('err', end='', file=sys.stderr)\n"
+        "end_process(3)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    if launched:
+        env.update(RANK="0", WORLD_SIZE="1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 3 and r.stdout == "out"
+    assert r.stderr == ("err" if launched else "errteardown\n")

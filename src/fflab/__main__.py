@@ -1,7 +1,5 @@
 """``python -m fflab``: the command line (and what ``torchrun -m fflab`` starts)."""
 
-import sys
+from fflab.cli import run
 
-from fflab.cli import main
-
-sys.exit(main())
+run()

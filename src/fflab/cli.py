@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from fflab.checkpoint import CheckpointError
 from fflab.config import ConfigError, parse_overrides
@@ -316,5 +317,19 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def run() -> NoReturn:
+    """The ``fflab`` command: :func:`main`, then exit with its code (a process of a torchrun
+    launch without the interpreter's teardown: :func:`fflab.distributed.end_process`)."""
+    from fflab.distributed import end_process
+
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader left (`fflab presets | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
+    end_process(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

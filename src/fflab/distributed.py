@@ -20,10 +20,11 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -163,6 +164,24 @@ class Comm:
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def end_process(code: int) -> NoReturn:
+    """Exit with ``code``; a process of a launch (:func:`launched`) skips the interpreter's
+    teardown.
+
+    Once a run is over its files are written and closed (atomically) and its process group
+    destroyed, but torch 2.13's native objects can still abort the process as it finalizes:
+    a rank that had passed gloo point-to-point messages was seen to end with "terminate
+    called without an active exception" after its last Python line (its stack: no Python
+    frame), so torchrun reported the run failed and stopped the other ranks. ``os._exit``
+    after flushing stdout and stderr ends the process without that teardown.
+    """
+    if not launched():
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def init(device: torch.device, timeout: float = DEFAULT_TIMEOUT) -> Comm | None:
