@@ -56,11 +56,10 @@ class StudyContext:
         import fflab
 
         run_dir = self.out_dir / name
-        merged = {k: dict(v) for k, v in RECIPES.get(preset, {}).items()}
-        for section, values in settings.items():
-            merged.setdefault(section, {}).update(values)
-        for section, values in self.settings.items():
-            merged.setdefault(section, {}).update(values)
+        merged: dict[str, dict[str, Any]] = {}
+        for layer in (RECIPES.get(preset, {}), settings, self.settings):
+            for section, values in layer.items():
+                merged.setdefault(section, {}).update(values)
         if (run_dir / "summary.json").is_file():
             self.log(f"{name}: reusing the finished run in {run_dir}")
         elif (run_dir / "config.json").is_file():
