@@ -45,7 +45,33 @@ def test_forward_equals_dense_equivalent(shape):
     h = rand(5, layer.in_features)
     w, b = layer.dense_equivalent()
     assert w.shape == (layer.out_features, layer.in_features) and b.shape == (layer.out_features,)
-    torch.testing.assert_close(layer(h), h @ w.T + b, rtol=1e-12, atol=1e-12)
+    for grad in (True, False):  # the differentiable path, and the one writing in place
+        with torch.set_grad_enabled(grad):
+            z = layer(h)
+        assert z.requires_grad == grad
+        torch.testing.assert_close(z, h @ w.T + b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("per", [1, 2, 3])
+def test_blocks_of_locations_change_nothing(per):
+    """Forward (both paths) and gradient over blocks of ``per`` locations equal one block."""
+    shape = ((3, 6, 5), 4, 3, 1, 1)
+    whole, split = layer_for(shape), layer_for(shape)
+    randomize_bias(whole)
+    randomize_bias(split)
+    n_loc = split.locations
+    split._blocks = lambda n: [(s, min(s + per, n_loc)) for s in range(0, n_loc, per)]
+    assert len(split._blocks(4)) > 1 and len(whole._blocks(4)) == 1
+    h, dz = rand(4, whole.in_features, seed=7), rand(4, whole.out_features, seed=8)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(split(h), whole(h), rtol=1e-12, atol=1e-12)
+    g_whole, g_split = Grads(), Grads()
+    whole.local_grad(h, dz, g_whole)
+    split.local_grad(h, dz, g_split)
+    torch.testing.assert_close(
+        g_split.got[split.weight], g_whole.got[whole.weight], rtol=1e-12, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("shape", SHAPES)
