@@ -96,7 +96,7 @@ PRESETS: dict[str, Preset] = {
             "the paper's unsupervised FF run: 4 x 2000, 100 epochs, hybrid-image negatives "
             "(6 blurs), Hinton's optimizer settings; a linear softmax probe on the normalized "
             "activities of the last three hidden layers",
-            "paper: 1.37% test error (probe); fflab: not yet measured at full length",
+            "paper: 1.37% test error (probe); fflab, 2-core CPU: 1.30% (seed 0) in 67 min",
             {"model": _UNSUP_MODEL, "train": {**_UNSUP_TRAIN, "epochs": 100}},
         ),
         Preset(
