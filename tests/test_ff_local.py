@@ -20,10 +20,14 @@ SHAPES = [
 ]
 
 
-def layer_for(shape, seed=0):
+# tile shapes of the fast path: the default choice, the reference layout, and ragged ones
+TILES = [None, (1, 1), (2, 2), (3, 2)]
+
+
+def layer_for(shape, seed=0, tile=None):
     in_shape, c_out, k, s, p = shape
     g = torch.Generator().manual_seed(seed)
-    return LocallyConnected2d(in_shape, c_out, k, s, p, generator=g).double()
+    return LocallyConnected2d(in_shape, c_out, k, s, p, generator=g, tile=tile).double()
 
 
 def rand(*size, seed=1):
@@ -35,9 +39,10 @@ def randomize_bias(layer, seed=2):
         layer.bias.copy_(rand(*layer.bias.shape, seed=seed))
 
 
+@pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_forward_equals_dense_equivalent(shape):
-    layer = layer_for(shape)
+def test_forward_equals_dense_equivalent(shape, tile):
+    layer = layer_for(shape, tile=tile)
     randomize_bias(layer)
     c_out, h_out, w_out = layer.out_shape
     assert layer.out_features == c_out * h_out * w_out
@@ -45,23 +50,25 @@ def test_forward_equals_dense_equivalent(shape):
     h = rand(5, layer.in_features)
     w, b = layer.dense_equivalent()
     assert w.shape == (layer.out_features, layer.in_features) and b.shape == (layer.out_features,)
-    for grad in (True, False):  # the differentiable path, and the one writing in place
+    for grad in (True, False):  # the differentiable reference, and the tiled fast path
         with torch.set_grad_enabled(grad):
             z = layer(h)
         assert z.requires_grad == grad
         torch.testing.assert_close(z, h @ w.T + b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("tile", [(1, 1), (2, 2)])
 @pytest.mark.parametrize("per", [1, 2, 3])
-def test_blocks_of_locations_change_nothing(per):
-    """Forward (both paths) and gradient over blocks of ``per`` locations equal one block."""
+def test_blocks_of_locations_change_nothing(per, tile):
+    """Forward (both paths) and gradient over blocks of ``per`` locations or tiles equal one
+    block."""
     shape = ((3, 6, 5), 4, 3, 1, 1)
-    whole, split = layer_for(shape), layer_for(shape)
+    whole, split = layer_for(shape, tile=tile), layer_for(shape, tile=tile)
     randomize_bias(whole)
     randomize_bias(split)
-    n_loc = split.locations
-    split._blocks = lambda n: [(s, min(s + per, n_loc)) for s in range(0, n_loc, per)]
-    assert len(split._blocks(4)) > 1 and len(whole._blocks(4)) == 1
+    split._blocks = lambda n, count, width: [(s, min(s + per, count)) for s in range(0, count, per)]
+    assert len(split._blocks(4, split.tiles, 1)) > 1
+    assert len(whole._blocks(4, whole.locations, whole.fan_in)) == 1
     h, dz = rand(4, whole.in_features, seed=7), rand(4, whole.out_features, seed=8)
     for grad in (True, False):
         with torch.set_grad_enabled(grad):
@@ -131,9 +138,10 @@ class Grads:
         self.got[param] = (a if b is None else a @ b).clone()
 
 
+@pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_local_grad_equals_autograd(shape):
-    layer = layer_for(shape)
+def test_local_grad_equals_autograd(shape, tile):
+    layer = layer_for(shape, tile=tile)
     randomize_bias(layer)
     h, dz = rand(6, layer.in_features, seed=3), rand(6, layer.out_features, seed=4)
     (dz * layer(h)).sum().backward()
@@ -149,11 +157,12 @@ def test_local_grad_equals_autograd(shape):
     torch.testing.assert_close(layer.bias.grad, sink.got[layer.bias], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_local_grad_equals_masked_dense_grad(shape):
+def test_local_grad_equals_masked_dense_grad(shape, tile):
     """The dense layer's gradient dz' h, masked to the receptive fields, is the local one
     mapped to the dense layout; the local layer has no weight outside its fields at all."""
-    layer = layer_for(shape)
+    layer = layer_for(shape, tile=tile)
     h, dz = rand(7, layer.in_features, seed=5), rand(7, layer.out_features, seed=6)
     dense = Dense(layer.in_features, layer.out_features).double()
     dense_grads, local_grads = Grads(), Grads()
@@ -166,6 +175,42 @@ def test_local_grad_equals_masked_dense_grad(shape):
         local_grads.got[layer.bias].T.reshape(-1), dense_grads.got[dense.bias], rtol=1e-12, atol=0
     )
     assert layer.weight.numel() == layer.locations * layer.out_shape[0] * layer.fan_in
+
+
+def test_tile_weights_follow_the_weights():
+    """The fast path's cached tile weights follow in-place steps and loaded state; outside
+    each unit's window they stay zero."""
+    shape = ((3, 6, 5), 4, 3, 1, 1)
+    layer, other = layer_for(shape, tile=(2, 2)), layer_for(shape, seed=5, tile=(2, 2))
+    h = rand(4, layer.in_features, seed=9)
+
+    def check():
+        w, b = layer.dense_equivalent()
+        with torch.no_grad():
+            torch.testing.assert_close(layer(h), h @ w.T + b, rtol=1e-12, atol=1e-12)
+
+    check()
+    with torch.no_grad():
+        layer.weight.mul_(0.5).add_(0.1)  # as an optimizer step changes it
+        layer.bias.add_(1.0)
+    check()
+    layer.load_state_dict(other.state_dict())
+    check()
+    tiled = layer.tile_weight()
+    assert tiled.shape == (layer.tiles, layer.tile_rows, layer.tile_fan_in)
+    assert torch.count_nonzero(tiled) == torch.count_nonzero(layer.weight)
+
+
+def test_default_tiles():
+    """2 x 2 tiles where their union window is at most 1.5 times a unit's (5x5 at stride 1),
+    one location per tile elsewhere; the tiles of the mnist-ff-unsup-local layers."""
+    assert LocallyConnected2d((12, 14, 14), 12, 5, 1, 2).tile == (2, 2)
+    assert LocallyConnected2d((1, 28, 28), 12, 7, 2, 3).tile == (1, 1)
+    assert LocallyConnected2d((2, 6, 6), 2, 3, 1, 1).tile == (1, 1)
+    assert LocallyConnected2d((1, 4, 4), 2, 4, 1, 0).tile == (1, 1)  # one location
+    assert LocallyConnected2d((2, 6, 6), 2, 3, 1, 1, tile=(9, 9)).tile == (6, 6)
+    with pytest.raises(ValueError, match="tile"):
+        LocallyConnected2d((2, 6, 6), 2, 3, 1, 1, tile=(0, 2))
 
 
 def test_float32_matches_float64():
