@@ -173,7 +173,8 @@ class LocallyConnected2d(nn.Module):
         (th, tw), (nth, ntw), (uh, uw) = self.tile, self._tile_grid, self._union
         c_out, h_out, w_out = self.out_shape
         k, s = self.kernel_size, self.stride
-        t8 = tiled.view(nth, ntw, th, tw, c_out, self.in_shape[0], uh, uw)
+        t8 = tiled.unflatten(2, (self.in_shape[0], uh, uw)).unflatten(1, (th, tw, c_out))
+        t8 = t8.unflatten(0, (nth, ntw))
         for a in range(th):
             for b in range(tw):
                 na, nb = len(range(a, h_out, th)), len(range(b, w_out, tw))
@@ -249,26 +250,27 @@ class LocallyConnected2d(nn.Module):
         return ht.index_select(0, self.index).view(self.locations, self.fan_in, -1)
 
     def _tile_pairs(self, tiled: Tensor, maps: Tensor):
-        """Matching views of tile position ``(a, b)`` in ``tiled`` (T, th tw C_out, N) and in
-        the maps ``maps`` (N, C_out, H_out, W_out): ``(na, nb, C_out, N)`` each, one pair per
+        """Matching views of tile position ``(a, b)`` in ``tiled`` (T, N, th tw C_out) and in
+        the maps ``maps`` (N, C_out, H_out, W_out): ``(na, nb, N, C_out)`` each, one pair per
         ``(a, b)``, ``na``/``nb`` the tiles that have that position inside the map."""
         (th, tw), (nth, ntw) = self.tile, self._tile_grid
         c_out, h_out, w_out = self.out_shape
-        t6 = tiled.view(nth, ntw, th, tw, c_out, -1)
-        grid = maps.permute(2, 3, 1, 0)  # (H_out, W_out, C_out, N)
+        t6 = tiled.view(nth, ntw, -1, th, tw, c_out)
+        grid = maps.permute(2, 3, 0, 1)  # (H_out, W_out, N, C_out)
         for a in range(th):
             for b in range(tw):
                 na, nb = len(range(a, h_out, th)), len(range(b, w_out, tw))
-                yield t6[:na, :nb, a, b], grid[a::th, b::tw]
+                yield t6[:na, :nb, :, a, b], grid[a::th, b::tw]
 
     def forward(self, h: Tensor) -> Tensor:
         """Total input ``z`` (N, out_features) of input rows ``h`` (N, in_features).
 
         Under autograd (a graph to record): the reference, ``z' = W P + b`` per location, one
-        ``bmm`` per block of locations. Without one: the tiled path, each block of tiles'
-        product written into one preallocated (T, th tw C_out, N) output, then scattered to
-        the feature layout with the bias added in place (``baddbmm`` with a broadcast bias, or
-        a ``cat`` of the blocks, was 2-4 times slower for a 5x5 layer on the CPU VM).
+        ``bmm`` per block of locations. Without one: the tiled path, ``P' W'`` per tile (the
+        orientation that ran fastest on the CPU VM: 180-190 against 140 GFLOP/s for ``W P``),
+        each block of tiles written into one preallocated (T, N, th tw C_out) output, then
+        moved to the feature layout with the bias added in place (``baddbmm`` with a broadcast
+        bias, or a ``cat`` of the blocks, was 2-4 times slower for a 5x5 layer).
         """
         ht = self._columns(h)
         n = h.shape[0]
@@ -281,10 +283,11 @@ class LocallyConnected2d(nn.Module):
             )
             zt = zt + self.bias.unsqueeze(2)
             return zt.permute(2, 1, 0).reshape(n, self.out_features)
-        wt, u = self.tile_weight(), self.tile_fan_in
-        zt = ht.new_empty(self.tiles, self.tile_rows, n)
+        wt, u = self.tile_weight().transpose(1, 2), self.tile_fan_in  # (T, U, R)
+        zt = ht.new_empty(self.tiles, n, self.tile_rows)
         for s, e in self._blocks(n, self.tiles, u):
-            torch.bmm(wt[s:e], self._gather(ht, self.tile_index, s, e, u), out=zt[s:e])
+            patches = self._gather(ht, self.tile_index, s, e, u)  # (e - s, U, N)
+            torch.bmm(patches.transpose(1, 2), wt[s:e], out=zt[s:e])
         z = ht.new_empty(n, self.out_features)
         for tiled, flat in self._tile_pairs(zt, z.view(n, *self.out_shape)):
             flat.copy_(tiled)
@@ -293,10 +296,11 @@ class LocallyConnected2d(nn.Module):
     def local_grad(self, h: Tensor, dz: Tensor, sink: GradSink) -> None:
         """Hand ``sink`` the gradients of ``sum(dz * forward(h))`` w.r.t. weight and bias.
 
-        ``h`` (N, in_features), ``dz`` (N, out_features). ``dW = dz' P'`` per tile, one
-        ``bmm`` per block of tiles, then each unit's own window taken out of its tile's rows;
-        ``db`` is the column sum of ``dz``. Both go to ``sink(param, grad)`` in the parameter's
-        shape.
+        ``h`` (N, in_features), ``dz`` (N, out_features). ``dW' = P dz`` per tile (U, th tw
+        C_out), one ``bmm`` per block of tiles (this orientation ran at the machine's matmul
+        rate, ``dz' P'`` at 65% of it), then each unit's own window taken out of its tile;
+        ``db`` is the column sum of ``dz``. Both go to ``sink(param, grad)`` in the
+        parameter's shape.
         """
         n = h.shape[0]
         if dz.shape != (n, self.out_features):
@@ -304,19 +308,16 @@ class LocallyConnected2d(nn.Module):
         ht = self._columns(h)
         c_out, u = self.out_shape[0], self.tile_fan_in
         ragged = self.tiles * self.tile_rows != self.out_features
-        dzt = (dz.new_zeros if ragged else dz.new_empty)(self.tiles, self.tile_rows, n)
+        dzt = (dz.new_zeros if ragged else dz.new_empty)(self.tiles, n, self.tile_rows)
         for tiled, flat in self._tile_pairs(dzt, dz.view(n, *self.out_shape)):
             tiled.copy_(flat)
-        dw = torch.empty_like(self.weight)  # (L, C_out, K)
-        one = self.tile == (1, 1)
-        dwt = dw if one else dw.new_empty(self.tiles, self.tile_rows, u)
+        dwt = dz.new_empty(self.tiles, u, self.tile_rows)  # (T, U, R)
         for s, e in self._blocks(n, self.tiles, u):
-            patches = self._gather(ht, self.tile_index, s, e, u)
-            torch.bmm(dzt[s:e], patches.transpose(1, 2), out=dwt[s:e])
-        if not one:
-            (th, tw), w6 = self.tile, self._as_grid(dw)
-            for window, (a, b) in self._weight_windows(dwt):
-                w6[a::th, b::tw].copy_(window)
+            torch.bmm(self._gather(ht, self.tile_index, s, e, u), dzt[s:e], out=dwt[s:e])
+        dw = torch.empty_like(self.weight)  # (L, C_out, K)
+        (th, tw), w6 = self.tile, self._as_grid(dw)
+        for window, (a, b) in self._weight_windows(dwt.transpose(1, 2)):
+            w6[a::th, b::tw].copy_(window)
         sink(self.weight, dw)
         sink(self.bias, dz.sum(0).view(c_out, self.locations).T)
 
