@@ -251,9 +251,9 @@ PRESETS: dict[str, Preset] = {
             "classification RBM (image and one-hot label, Larochelle & Bengio 2008) trained "
             "discriminatively (exact gradient of -log p(y|v)): 500 hidden, 30 epochs, "
             "classified by the free energy of each label",
-            "Larochelle & Bengio 2008 (their MNIST table, as quoted by public re-implementations; DRBM, 500 "
-            "hidden, early stopping on a validation split): 1.81% test error; fflab: not yet "
-            "measured at full length",
+            "Larochelle & Bengio 2008 (their MNIST table as public re-implementations quote "
+            "it; DRBM, 500 hidden, early stopping on a validation split): 1.81% test error; "
+            "fflab: not yet measured at full length",
             {"model": {"n_hidden": 500}, "train": {"objective": "discriminative"}},
         ),
         Preset(
@@ -261,8 +261,9 @@ PRESETS: dict[str, Preset] = {
             "class-rbm",
             "classification RBM, hybrid objective -log p(y|v) - 0.01 log p(v, y) (the "
             "generative part by CD-1): 1500 hidden, 30 epochs",
-            "Larochelle & Bengio 2008 (their MNIST table, as quoted by public re-implementations; HDRBM, alpha "
-            "0.01, 1500 hidden): 1.28% test error; fflab: not yet measured at full length",
+            "Larochelle & Bengio 2008 (their MNIST table as public re-implementations quote "
+            "it; HDRBM, alpha 0.01, 1500 hidden): 1.28% test error; fflab: not yet measured at "
+            "full length",
             {
                 "model": {"n_hidden": 1500},
                 "train": {"objective": "hybrid", "alpha": 0.01, "k": 1},
@@ -273,8 +274,9 @@ PRESETS: dict[str, Preset] = {
             "class-rbm",
             "classification RBM trained generatively (CD-1 on log p(v, y)): 6000 hidden, "
             "30 epochs, lr 0.05, weight decay 2e-4",
-            "Larochelle & Bengio 2008 (their MNIST table, as quoted by public re-implementations; generative "
-            "RBM, 6000 hidden): 3.39% test error; fflab: not yet measured at full length",
+            "Larochelle & Bengio 2008 (their MNIST table as public re-implementations quote "
+            "it; generative RBM, 6000 hidden): 3.39% test error; fflab: not yet measured at "
+            "full length",
             {
                 "model": {"n_hidden": 6000},
                 "train": {"objective": "generative", "lr": 0.05, "weight_decay": 2e-4},
