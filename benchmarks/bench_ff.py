@@ -201,6 +201,18 @@ def local_layer_flops(layer) -> int:
     return 2 * layer.locations * layer.out_shape[0] * layer.fan_in
 
 
+def unsup_step_flops(net) -> int:
+    """FLOPs per sample of an unsupervised FF step (forward and weight gradient of every layer
+    on one positive and one negative row): 2 * 2 * (2 L C_out K) for a locally connected
+    layer, 2 * 2 * (2 in out) = 8 in out for a dense one."""
+    from fflab.ff.local import LocallyConnected2d
+
+    return sum(
+        2 * 2 * local_layer_flops(m) if isinstance(m, LocallyConnected2d) else 8 * m.weight.numel()
+        for m in net.layers
+    )
+
+
 def bench_local(device, min_seconds, n_rounds=3, batch=100):
     """Locally connected layers of the mnist-ff-unsup-local preset, timed as FF trains them.
 
@@ -234,10 +246,7 @@ def bench_local(device, min_seconds, n_rounds=3, batch=100):
 
         name = f"layer{i} {layer.in_shape}->{layer.out_shape} k={layer.kernel_size}"
         entries.append((name, layer_step, 2 * 2 * local_layer_flops(layer)))
-    step_flops = sum(
-        2 * 2 * local_layer_flops(m) if isinstance(m, LocallyConnected2d) else 8 * m.weight.numel()
-        for m in net.layers
-    )
+    step_flops = unsup_step_flops(net)
     entries.append(("unsupervised FF step", lambda: tr.step(x, y, g), step_flops))
     rows, probe = [], matmul_rate(device)
     results = {name: [] for name, _, _ in entries}

@@ -1,6 +1,6 @@
-"""The supervised FF training step of two code versions, timed in one run.
+"""The FF training step of two code versions, timed in one run.
 
-    python benchmarks/bench_versions.py [--base REV] [--rounds N] [--data-dir DIR]
+    python benchmarks/bench_versions.py [--base REV] [--rounds N] [--data-dir DIR] [--local]
 
 ``--base`` (default ``4116dba``, the last commit with the one hand-fused FF step) is exported
 with ``git archive`` into a temporary folder; the other side is this working tree. For each
@@ -11,7 +11,9 @@ negatives, peer normalization), warms up, times ``FFTrainer.step`` on MNIST batc
 images without MNIST) for about a second, and measures the float32 matmul rate right before
 and after. Reported per net: the median over rounds of the paired ratio ``head samples/s /
 base samples/s`` (the two timings of a round are seconds apart) and each version's median
-fraction of the matmul rate. Results go to benchmarks/results/versions-<device>-<time>.json.
+fraction of the matmul rate. ``--local`` times the unsupervised step of the
+``mnist-ff-unsup-local`` net (locally connected layers, hybrid negatives, peer normalization,
+batch 100) instead. Results go to benchmarks/results/versions-<device>-<time>.json.
 """
 
 from __future__ import annotations
@@ -32,19 +34,21 @@ from bench_ff import machine_info, write_result
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 NETS = [((1000, 1000, 1000), 100), ((2000, 2000, 2000, 2000), 100), ((2000,) * 4, 1000)]
+LOCAL = "mnist-ff-unsup-local"
 
 # runs in a fresh interpreter with PYTHONPATH at one version's src/; uses only the API both
-# versions share (FFNet, FFNetConfig, FFTrainConfig, FFTrainer.step, load_mnist)
+# versions share (FFNet, FFNetConfig, FFTrainConfig, FFTrainer.step, load_mnist, resolve);
+# hidden "mnist-ff-unsup-local" times that preset's unsupervised step
 WORKER = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import torch
-from bench_ff import flops, matmul_rate, timed
+from bench_ff import flops, matmul_rate, timed, unsup_step_flops
 from fflab._runtime import tune_allocator
 from fflab.ff.model import FFNet, FFNetConfig
 from fflab.ff.train import FFTrainConfig, FFTrainer
 tune_allocator()
-hidden, batch, data_dir = tuple(json.loads(sys.argv[2])), int(sys.argv[3]), sys.argv[4]
+hidden, batch, data_dir = json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 try:
     from fflab.data import load_mnist
     ds = load_mnist(data_dir or None)
@@ -54,9 +58,16 @@ except Exception:
     x = torch.rand(20000, 784, generator=g)
     x[:, :10] = 0
     y = torch.randint(0, 10, (20000,), generator=g)
-cfg = FFNetConfig(hidden=hidden, label_mode="overlay")
-net = FFNet(cfg, generator=torch.Generator().manual_seed(0))
-tr = FFTrainer(net, FFTrainConfig())
+if isinstance(hidden, str):
+    from fflab.presets import resolve
+    net = FFNet(resolve(hidden).model, generator=torch.Generator().manual_seed(0))
+    tr = FFTrainer(net, FFTrainConfig(negatives="hybrid"))
+    step_flops = unsup_step_flops(net)
+else:
+    cfg = FFNetConfig(hidden=tuple(hidden), label_mode="overlay")
+    net = FFNet(cfg, generator=torch.Generator().manual_seed(0))
+    tr = FFTrainer(net, FFTrainConfig())
+    step_flops = flops(tuple(hidden))["ff_train"]
 g, n, state = torch.Generator().manual_seed(0), x.shape[0] // batch, {"i": 0}
 def step():
     i = state["i"] = (state["i"] + 1) % n
@@ -66,7 +77,7 @@ before = matmul_rate(cpu)
 sec = timed(step, cpu, 1.0)
 after = matmul_rate(cpu)
 sps = batch / sec
-frac = flops(hidden)["ff_train"] * sps / 1e9 / ((before + after) / 2)
+frac = step_flops * sps / 1e9 / ((before + after) / 2)
 print(json.dumps({"samples_per_second": sps, "fraction_of_matmul": frac,
                   "matmul_gflops": (before + after) / 2}))
 """
@@ -88,8 +99,9 @@ def export(rev: str, dest: Path) -> Path:
 
 def time_version(src: Path, hidden, batch: int, data_dir: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(src)}
+    spec = json.dumps(hidden if isinstance(hidden, str) else list(hidden))
     out = subprocess.run(
-        [sys.executable, "-c", WORKER, str(HERE), json.dumps(list(hidden)), str(batch), data_dir],
+        [sys.executable, "-c", WORKER, str(HERE), spec, str(batch), data_dir],
         check=True,
         capture_output=True,
         text=True,
@@ -104,6 +116,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--data-dir", default="")
     p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--local", action="store_true", help=f"time the {LOCAL} net's step")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
@@ -125,7 +138,7 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         versions = {"base": export(args.base, Path(tmp)), "head": REPO / "src"}
-        for hidden, batch in NETS:
+        for hidden, batch in [(LOCAL, 100)] if args.local else NETS:
             rounds = []
             for r in range(args.rounds):
                 order = ["base", "head"] if r % 2 == 0 else ["head", "base"]
@@ -135,7 +148,11 @@ def main(argv=None) -> int:
             ratio = statistics.median(
                 r["head"]["samples_per_second"] / r["base"]["samples_per_second"] for r in rounds
             )
-            row = {"hidden": list(hidden), "batch": batch, "head_over_base": ratio}
+            row = {
+                "hidden": hidden if args.local else list(hidden),
+                "batch": batch,
+                "head_over_base": ratio,
+            }
             for v in versions:
                 row[v] = {
                     k: statistics.median(r[v][k] for r in rounds)
@@ -144,7 +161,8 @@ def main(argv=None) -> int:
             row["rounds"] = rounds
             rows.append(row)
             print(
-                f"{'x'.join(map(str, hidden)):>19} b={batch:<5} base {base_commit}: "
+                f"{hidden if args.local else 'x'.join(map(str, hidden)):>19} b={batch:<5} "
+                f"base {base_commit}: "
                 f"{row['base']['samples_per_second']:6.0f}/s "
                 f"{100 * row['base']['fraction_of_matmul']:3.0f}%   head {head_commit}: "
                 f"{row['head']['samples_per_second']:6.0f}/s "
