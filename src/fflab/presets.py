@@ -253,7 +253,7 @@ PRESETS: dict[str, Preset] = {
             "classified by the free energy of each label",
             "Larochelle & Bengio 2008 (their MNIST table as public re-implementations quote "
             "it; DRBM, 500 hidden, early stopping on a validation split): 1.81% test error; "
-            "fflab: not yet measured at full length",
+            "fflab, 2-core CPU: 1.69% (seed 0) in about a minute",
             {"model": {"n_hidden": 500}, "train": {"objective": "discriminative"}},
         ),
         Preset(
@@ -262,8 +262,8 @@ PRESETS: dict[str, Preset] = {
             "classification RBM, hybrid objective -log p(y|v) - 0.01 log p(v, y) (the "
             "generative part by CD-1): 1500 hidden, 30 epochs",
             "Larochelle & Bengio 2008 (their MNIST table as public re-implementations quote "
-            "it; HDRBM, alpha 0.01, 1500 hidden): 1.28% test error; fflab: not yet measured at "
-            "full length",
+            "it; HDRBM, alpha 0.01, 1500 hidden): 1.28% test error; fflab, 2-core CPU: 1.49% "
+            "(seed 0) in 7 min",
             {
                 "model": {"n_hidden": 1500},
                 "train": {"objective": "hybrid", "alpha": 0.01, "k": 1},
