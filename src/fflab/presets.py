@@ -275,8 +275,8 @@ PRESETS: dict[str, Preset] = {
             "classification RBM trained generatively (CD-1 on log p(v, y)): 6000 hidden, "
             "30 epochs, lr 0.05, weight decay 2e-4",
             "Larochelle & Bengio 2008 (their MNIST table as public re-implementations quote "
-            "it; generative RBM, 6000 hidden): 3.39% test error; fflab: not yet measured at "
-            "full length",
+            "it; generative RBM, 6000 hidden): 3.39% test error; fflab, 2-core CPU: 2.76% "
+            "(seed 0) in 8 min",
             {
                 "model": {"n_hidden": 6000},
                 "train": {"objective": "generative", "lr": 0.05, "weight_decay": 2e-4},
