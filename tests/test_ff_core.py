@@ -65,7 +65,11 @@ CASES = [
 # two locally connected layers (3x3 fields on the 4x5 image: 2 channels, then 1 per
 # location; stride 2 in the second would leave a 2x3 map) under a dense top layer
 LOCAL = {"hidden": (40, 6, 5), "local_kernels": (3, 3), "local_strides": (1, 2)}
+# 5x5 fields at stride 1: the layer's fast path runs on 2 x 2 tiles (ragged on the 4x5 map),
+# its weights laid into tile matrices anew after every optimizer step
+LOCAL_TILED = {"hidden": (40, 6), "local_kernels": (5,), "local_strides": (1,)}
 CASES += [
+    ("none", "sumsq", "hybrid", 0.06, 0.0, 0.0, {}, LOCAL_TILED),
     ("none", "sumsq", "hybrid", 0.06, 0.0, 0.0, {}, LOCAL),
     ("none", "meansq", "hybrid", 0.06, 0.2, 0.3, {"blurs": 1}, LOCAL),
 ]

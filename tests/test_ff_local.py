@@ -178,8 +178,8 @@ def test_local_grad_equals_masked_dense_grad(shape, tile):
 
 
 def test_tile_weights_follow_the_weights():
-    """The fast path's cached tile weights follow in-place steps and loaded state; outside
-    each unit's window they stay zero."""
+    """The fast path's tile weights follow in-place steps (also those that leave the version
+    counter alone) and loaded state; outside each unit's window they stay zero."""
     shape = ((3, 6, 5), 4, 3, 1, 1)
     layer, other = layer_for(shape, tile=(2, 2)), layer_for(shape, seed=5, tile=(2, 2))
     h = rand(4, layer.in_features, seed=9)
@@ -193,6 +193,11 @@ def test_tile_weights_follow_the_weights():
     with torch.no_grad():
         layer.weight.mul_(0.5).add_(0.1)  # as an optimizer step changes it
         layer.bias.add_(1.0)
+    check()
+    with torch.no_grad():  # a change the version counter does not see (an optimizer's
+        version = layer.weight._version  # foreach step can leave it unchanged too)
+        layer.weight.data.add_(rand(*layer.weight.shape, seed=10))
+    assert layer.weight._version == version
     check()
     layer.load_state_dict(other.state_dict())
     check()

@@ -128,8 +128,7 @@ class LocallyConnected2d(nn.Module):
         self.register_buffer("tile_index", union.reshape(-1), persistent=False)
         # a zero feature for windows that reach outside the map (padding, or ragged tiles)
         self.padded = bool((index == self.in_features).any() or (union == self.in_features).any())
-        self._tile_weight: Tensor | None = None  # (T, R, U), refreshed when the weight changes
-        self._tile_key: tuple | None = None
+        self._tile_weight: Tensor | None = None  # (T, R, U): zeros laid once, weights each call
         self.weight = nn.Parameter(torch.empty(self.locations, out_channels, self.fan_in))
         self.bias = nn.Parameter(torch.zeros(self.locations, out_channels))
         with torch.no_grad():
@@ -184,21 +183,24 @@ class LocallyConnected2d(nn.Module):
     def tile_weight(self) -> Tensor:
         """The tiles' weight matrices (T, th tw C_out, U), zero outside each unit's window.
 
-        Cached until the weight changes (in place, as an optimizer step changes it, or
-        replaced); for 1 x 1 tiles, a view of the weight itself.
+        Written afresh from the weight on every call, into a buffer whose zeros are laid once
+        (per dtype and device): an optimizer's in-place step (``torch._foreach_add_`` under
+        ``no_grad``) does not advance the weight's version counter, so no cache of the
+        values themselves could tell that they are stale. For 1 x 1 tiles, a view of the
+        weight itself.
         """
         weight = self.weight.detach()
         if self.tile == (1, 1):
             return weight
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
-        if self._tile_weight is None or self._tile_key != key:
+        tiled = self._tile_weight
+        if tiled is None or tiled.dtype != weight.dtype or tiled.device != weight.device:
             tiled = weight.new_zeros(self.tiles, self.tile_rows, self.tile_fan_in)
-            w6 = self._as_grid(weight)
-            th, tw = self.tile
-            for window, (a, b) in self._weight_windows(tiled):
-                window.copy_(w6[a::th, b::tw])
-            self._tile_weight, self._tile_key = tiled, key
-        return self._tile_weight
+            self._tile_weight = tiled
+        w6 = self._as_grid(weight)
+        th, tw = self.tile
+        for window, (a, b) in self._weight_windows(tiled):
+            window.copy_(w6[a::th, b::tw])
+        return tiled
 
     def _as_grid(self, t: Tensor) -> Tensor:
         """A tensor in the weights' layout (L, C_out, K) as (H_out, W_out, C_out, C_in, k, k)."""
