@@ -14,7 +14,7 @@ from fflab.ff.boxes import LookupTable, NumpyFunction, Quantizer, SignedPermutat
 from fflab.ff.functional import ff_loss, goodness, rms_normalize
 from fflab.ff.model import FFNet, FFNetConfig
 from fflab.ff.reference import ReferenceTrainer
-from fflab.ff.train import FFTrainConfig
+from fflab.ff.train import FFTrainConfig, FFTrainer
 from fflab.negatives import make_source
 from fflab.studies import StudyContext, run_study
 from fflab.studies.black_box_nets import BoxedBPNet, make_boxes, through_box
@@ -179,15 +179,67 @@ def test_reference_gradients_equal_autograd_with_the_box_output_as_a_constant():
     assert torch.allclose(got["head.weight"], want, rtol=1e-12, atol=1e-14)
 
 
-def test_boxes_must_fill_the_gaps_and_the_fast_trainer_check_refuses_them():
+def _boxes():
+    """Three kinds of box in the two gaps: a numpy function, then a signed permutation."""
+    return [NumpyFunction(np.tanh), SignedPermutation(10, torch.Generator().manual_seed(3))]
+
+
+BOXED_CASES = [
+    # (label_mode, negatives, peer_norm, input_dropout, dropout, step_schedule)
+    ("concat", "hard", 0.0, 0.0, 0.0, "forward_first"),
+    ("overlay", "random", 0.06, 0.2, 0.3, "forward_first"),
+    ("concat", "hard", 0.06, 0.0, 0.3, "layerwise"),
+    ("none", "hybrid", 0.06, 0.0, 0.0, "forward_first"),
+    ("none", "hybrid", 0.0, 0.2, 0.3, "layerwise"),
+]
+
+
+@pytest.mark.parametrize("case", BOXED_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_fast_step_through_boxes_equals_the_reference(case):
+    """The fast trainer applies the boxes as the autograd reference does (float64, three
+    steps), and the boxes change the gradients of the layers above them."""
+    mode, negatives, peer, p_in, p_hid, schedule = case
+
+    def net():
+        cfg = FFNetConfig(in_features=16, num_classes=4, hidden=(12, 10, 8), label_mode=mode,
+                          peer_norm=peer, head_from=1, score_from=1,
+                          image_shape=(1, 4, 4) if mode == "none" else ())  # fmt: skip
+        return FFNet(cfg, torch.Generator().manual_seed(0), _boxes()).to(F64)
+
+    cfg = FFTrainConfig(negatives=negatives, input_dropout=p_in, dropout=p_hid,
+                        weight_cost=0.01, step_schedule=schedule)  # fmt: skip
+    fast, ref = FFTrainer(net(), cfg), ReferenceTrainer(net(), cfg)
+    fast.fused = False  # .grad written, to compare
+    x, y = _batch(8)
+    for seed in range(3):
+        s_fast = fast.compute_gradients(x, y, torch.Generator().manual_seed(seed))
+        s_ref = ref.compute_gradients(x, y, torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(s_fast, s_ref, rtol=0, atol=1e-12)
+        for (name, a), b in zip(fast.net.named_parameters(), ref.net.parameters(), strict=True):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=name)
+        fast.apply_gradients()
+        ref.apply_gradients()
+    for a, b in zip(fast.net.buffers(), ref.net.buffers(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    plain = FFTrainer(FFNet(net().config, torch.Generator().manual_seed(0)).to(F64), cfg)
+    plain.fused = False
+    plain.compute_gradients(x, y, torch.Generator().manual_seed(0))
+    boxed = FFTrainer(net(), cfg)
+    boxed.fused = False
+    boxed.compute_gradients(x, y, torch.Generator().manual_seed(0))
+    w_plain, w_boxed = plain.net.layers[1].weight.grad, boxed.net.layers[1].weight.grad
+    assert not torch.allclose(w_plain, w_boxed)  # the boxes reach the layer above
+
+
+def test_boxes_must_fill_the_gaps_and_the_pipeline_refuses_them():
     with pytest.raises(ValueError, match="2 for 3 layers, got 1"):
         _net([Quantizer()])
     boxed = _net([Quantizer(), None])
     assert boxed.has_boxes
-    with pytest.raises(ValueError, match="ReferenceTrainer"):
-        boxed.require_no_boxes("FFTrainer")
-    _net().require_no_boxes("FFTrainer")
-    _net([None, None]).require_no_boxes("FFTrainer")
+    with pytest.raises(ValueError, match="PipelineFFTrainer does not apply the boxes"):
+        boxed.require_no_boxes("PipelineFFTrainer")
+    _net().require_no_boxes("PipelineFFTrainer")
+    _net([None, None]).require_no_boxes("PipelineFFTrainer")
     # buffers of the boxes move with the net and are saved with it
     perm = _net([SignedPermutation(12, torch.Generator().manual_seed(0)), None])
     assert "between.0.perm" in perm.state_dict()

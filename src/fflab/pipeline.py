@@ -174,6 +174,7 @@ class PipelineFFTrainer(FFTrainer):
                 "the layer pipeline runs step_schedule=forward_first (a stage holds only its "
                 "own layers' activities)"
             )
+        net.require_no_boxes(type(self).__name__)  # a stage hands on normalized activities
         super().__init__(net, cfg)
         if self.source.needs_probs:
             raise ValueError(

@@ -198,10 +198,10 @@ class FFNet(nn.Module):
     them; ``None`` in a gap is the identity), each a module or a function (N, H_l) -> (N, H_l)
     applied to layer ``l``'s activities before layer ``l + 1`` normalizes them. Goodness, peer
     normalization and the head read each layer's own activities. Boxes are not part of
-    :class:`FFNetConfig`, so a run built from a config has none; the fast
-    :class:`~fflab.ff.train.FFTrainer` computes its own passes and must not be given a net
-    with boxes (:meth:`require_no_boxes`); :class:`~fflab.ff.reference.ReferenceTrainer`
-    trains it.
+    :class:`FFNetConfig`, so a run built from a config has none. Both
+    :class:`~fflab.ff.train.FFTrainer` and :class:`~fflab.ff.reference.ReferenceTrainer`
+    apply them; a trainer that computes passes of its own without them (the layer pipeline)
+    refuses such a net (:meth:`require_no_boxes`).
     """
 
     def __init__(
@@ -250,7 +250,7 @@ class FFNet(nn.Module):
         if self.has_boxes:
             raise ValueError(
                 f"{user} does not apply the boxes between layers (FFNet between=...); "
-                "train this net with fflab.ff.reference.ReferenceTrainer"
+                "train this net with fflab.ff.train.FFTrainer on one process"
             )
 
     def box(self, layer: int, a: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ linear loss ``sum_rows(z_pos . t)`` whose gradient with respect to ``z`` is the 
 A net's boxes between layers (``FFNet(between=...)``, :mod:`fflab.ff.boxes`) are applied to
 each layer's activities, detached and under ``no_grad``, before the next layer normalizes
 them: the box's output is a constant input to the layer above, so a box needs no gradient.
-This trainer is the one that trains a net with boxes (the fast one does not apply them).
+The fast trainer applies them the same way (the tests hold the two equal).
 """
 
 from __future__ import annotations

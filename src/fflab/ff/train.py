@@ -14,6 +14,11 @@ The negatives come from a registered :mod:`negative source <fflab.negatives>`.
 - *Unsupervised* (``label_mode=none``): the positive rows are the images, the negative rows
   the source's images (hybrids); every layer, local or dense, takes the generic path.
 
+Boxes between layers (``FFNet(between=...)``, :mod:`fflab.ff.boxes`) are applied where the
+next layer's input is made: layer ``l + 1`` reads the normalized output of box ``l`` on layer
+``l``'s activities, which is a constant for it (no gradient crosses a layer anyway), while
+goodness, peer normalization and the head read the layer's own activities.
+
 Optional dropout (``FFTrainConfig.input_dropout``, ``dropout``) masks the image (in every
 pass) and the inputs of layers 2..L (in the positive and negative passes).
 
@@ -185,9 +190,9 @@ class FFTrainer:
     def __init__(self, net: FFNet, cfg: FFTrainConfig) -> None:
         if cfg.step_schedule == "layerwise" and not isinstance(net, FFNet):
             raise ValueError("step_schedule=layerwise needs a feed-forward FFNet")
-        if getattr(net, "has_boxes", False):  # FFNet(between=...): this step applies no boxes
-            net.require_no_boxes(type(self).__name__)
         self.net = net
+        # FFNet(between=...): boxes other than the identity, applied by _next_input
+        self._boxes = bool(getattr(net, "has_boxes", False))
         self.cfg = cfg
         self.layerwise = cfg.step_schedule == "layerwise"
         self.source = negative_source(net, cfg)
@@ -227,17 +232,26 @@ class FFTrainer:
         p = self.cfg.dropout if generator is not None else 0.0
         a = torch.relu_(z0)
         acts, ssq, inputs = [a], [_sumsq(a)], [z0]  # inputs[0]: set by the caller
-        for layer in self._layers[self._span.start + 1 : self._span.stop]:
-            h = _normalized(a, ssq[-1])
+        for i in range(self._span.start + 1, self._span.stop):
+            h = self._next_input(i - 1, a, ssq[-1])
             if p > 0:
                 h.mul_(self._dropout_mask(h.shape, p, generator, h))
-            a = torch.relu_(layer(h))
+            a = torch.relu_(self._layers[i](h))
             acts.append(a)
             ssq.append(_sumsq(a))
             inputs.append(h)
         if normalize_last:
             inputs.append(_normalized(a, ssq[-1]))
         return acts, ssq, inputs
+
+    def _next_input(self, i: int, a: Tensor, ssq: Tensor) -> Tensor:
+        """Layer ``i + 1``'s input from layer i's activities a (N, H_i) and their sums of
+        squares ssq (N,): ``a`` normalized, or, where the gap holds a box, the box's output
+        normalized (the box sees the activities under no_grad, so its output is a constant)."""
+        if self._boxes:
+            a = self.net.box(i, a)
+            ssq = _sumsq(a)
+        return _normalized(a, ssq)
 
     @torch.no_grad()
     def step(
@@ -329,7 +343,7 @@ class FFTrainer:
         a = torch.relu_(a)
         for i, layer in enumerate(self._layers):
             if i > 0:
-                h = _normalized(a, ssq[i - 1])
+                h = self._next_input(i - 1, a, ssq[i - 1])
                 if p > 0:
                     h.mul_(self._dropout_mask(h.shape, p, generator, h))
                 a = None  # the layer below's activities are spent
@@ -444,7 +458,9 @@ class FFTrainer:
             feats = self._neutral_features(net.first_layer(a_img, net.label_scale(sq, True), None))
             return self._head_phase(x, y, feats, eye, generator)
         z0 = net.first_layer(a_img, net.label_scale(sq, True), None)
-        _, _, inputs = self._pass(z0, normalize_last=True)
+        acts, ssq, inputs = self._pass(z0, normalize_last=True)
+        if self._boxes:  # the inputs above the first are boxes' outputs: the head reads acts
+            inputs = [None] + [_normalized(a, s) for a, s in zip(acts, ssq, strict=True)]
         feats = torch.cat(inputs[c.head_from + 1 :], 1)  # (B, F)
         return self._head_phase(x, y, feats, eye, generator)
 
@@ -457,14 +473,16 @@ class FFTrainer:
         a, col, n = torch.relu_(z0), 0, len(self._layers)
         del z0
         for i in range(n):
-            h = _normalized(a, _sumsq(a))
-            a = None
+            s = _sumsq(a)
+            h = _normalized(a, s)
             if i >= c.head_from:
                 feats[:, col : col + h.shape[1]].copy_(h)
                 col += h.shape[1]
             if i + 1 < n:
-                a = torch.relu_(self._layers[i + 1](h))
-            h = None
+                nxt = self._next_input(i, a, s) if self._boxes else h
+                a = None
+                a = torch.relu_(self._layers[i + 1](nxt))
+            h = nxt = None
         return feats
 
     def _head_phase(

@@ -7,8 +7,8 @@ without a model of the box's derivative. The study puts the same box in every ga
 hidden layers of an FF net and of its backprop twin (same widths, epochs, initialization and
 box) and trains both on MNIST:
 
-- FF: the boxed net, unchanged, with the autograd reference step (the box's output enters the
-  layer above as a constant);
+- FF: the boxed net, unchanged, with the fast FF step (the box's output enters the layer
+  above as a constant; the tests hold that step equal to the autograd reference);
 - BP + surrogate: the twin with the straight-through estimator (the box's Jacobian taken as
   the identity), or the exact transpose for the signed permutation
   (:mod:`fflab.studies.black_box_nets`);
@@ -225,7 +225,8 @@ def write_report(out_dir: Path, results: dict[str, Any], quick: bool) -> Path:
         "",
         f"A box in every gap between the hidden layers of {h} nets, {results['epochs']} "
         f"epochs on {results['n_train']} training images, test error on {n} images. FF: "
-        f"the {FF_PRESET} recipe trained by the autograd reference step, goodness scoring "
+        f"the {FF_PRESET} recipe trained by the fast FF step (the box's output a constant "
+        "input of the layer above), goodness scoring "
         f"(softmax head in brackets). BP: the {BP_PRESET} twin (same widths, epochs and "
         "initialization, the same boxes) by autograd, with the straight-through estimator "
         "(identity Jacobian) as the box's gradient, except the permutation, which gets its "

@@ -1,9 +1,10 @@
 """The black-box study's nets: FF with boxes between its layers, and backprop through the same
 boxes by a straight-through estimator; the training loops for both.
 
-*FF* trains the boxed net unchanged with :class:`fflab.ff.reference.ReferenceTrainer` (the
-fast trainer does not apply boxes): every layer learns from its own loss, with the box's
-output as a constant input, so the box's derivative is never needed.
+*FF* trains the boxed net unchanged with the fast :class:`fflab.ff.train.FFTrainer`, which
+applies the boxes as the autograd :class:`fflab.ff.reference.ReferenceTrainer` does (the tests
+hold the two equal): every layer learns from its own loss, with the box's output as a
+constant input, so the box's derivative is never needed.
 
 *Backprop* needs a gradient through every box. Rounding and table lookups have derivative 0
 almost everywhere, and a numpy function has none that autograd can see, so the baseline uses a
@@ -36,8 +37,7 @@ from fflab.ff.boxes import LookupTable, NumpyFunction, Quantizer, SignedPermutat
 from fflab.ff.experiment import error_rate as ff_error_rate
 from fflab.ff.functional import rms_normalize
 from fflab.ff.model import FFNet
-from fflab.ff.reference import ReferenceTrainer
-from fflab.ff.train import FFTrainConfig
+from fflab.ff.train import FFTrainConfig, FFTrainer
 from fflab.optim import MomentumSGD, lr_factor
 
 # the boxes of the study, by name: what each gap of the net holds (none: the plain net)
@@ -173,7 +173,7 @@ def train_ff(
     eval_batch_size: int = 1000,
     log: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
-    """Train ``net`` (boxes or not) with the autograd reference step; returns its errors
+    """Train ``net`` (boxes or not) with the fast FF step; returns its errors
     (test, and training on the first 10,000 training images) and per-epoch losses. A
     non-finite epoch loss stops training (``diverged``); the net is evaluated as it is.
 
@@ -183,20 +183,19 @@ def train_ff(
     """
     if cfg.layer_schedule != "simultaneous":
         raise ValueError("the black-box FF loop trains every layer on every batch (simultaneous)")
-    trainer = ReferenceTrainer(net, cfg)
+    trainer = FFTrainer(net, cfg)
     x, y = data.train.x, data.train.y
     losses = []
     for epoch in range(cfg.epochs):
-        for group in trainer.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * lr_factor(epoch, cfg.epochs, cfg.lr_schedule)
+        trainer.set_lr_factor(lr_factor(epoch, cfg.epochs, cfg.lr_schedule))
         order, g = _order(x.shape[0], seed, epoch, x.device)
         net.train()
-        total, batches = 0.0, 0
+        total, batches = x.new_zeros(()), 0
         for start in range(0, x.shape[0], cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
-            total += float(trainer.step(x[idx], y[idx], g)[:, 0].sum())
+            total += trainer.step(x[idx], y[idx], g)[:, 0].sum()  # no read back per step
             batches += 1
-        losses.append(total / batches)
+        losses.append(float(total) / batches)
         log(f"  epoch {epoch + 1}/{cfg.epochs}: FF loss {losses[-1]:.4f}")
         if not np.isfinite(losses[-1]):
             log(f"  FF training diverged in epoch {epoch + 1}: stopped there")
